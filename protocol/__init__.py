@@ -1,0 +1,1 @@
+"""Trainer <-> worker protocol: messages (schema), framing (bytes), transport (ZeroMQ)."""

@@ -1,0 +1,63 @@
+"""Reward functions by name: the `register` decorator, `REWARD_FUNCTIONS`, `load_reward_function`.
+
+A reward function has TRL's signature, so TRL reward functions drop in:
+`f(prompts: list[str], completions: list[str], **columns) -> list[float | None]`, where
+`columns` holds the dataset's per-sample lists (e.g. `answer`) plus `completion_ids`. It must
+accept and ignore columns it does not use; `None` means "not applicable to this sample".
+
+A recipe names a function either by its registered name (`math_accuracy`) or by an import
+path (`mypkg.rewards:my_reward`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+RewardFunction = Callable[..., list[float | None]]
+
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
+
+
+def register(name: str) -> Callable[[RewardFunction], RewardFunction]:
+    """Decorator: make the function loadable as `name`."""
+
+    def decorator(function: RewardFunction) -> RewardFunction:
+        if name in REWARD_FUNCTIONS:
+            raise ValueError(f"reward function {name!r} is already registered")
+        REWARD_FUNCTIONS[name] = function
+        return function
+
+    return decorator
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """The function a recipe names: a registered name or `package.module:function`."""
+    if ":" not in spec:
+        if spec not in REWARD_FUNCTIONS:
+            known = ", ".join(sorted(REWARD_FUNCTIONS))
+            raise ValueError(
+                f"unknown reward function {spec!r}; registered: {known} "
+                "(or give an import path like 'mypkg.rewards:my_reward')"
+            )
+        return REWARD_FUNCTIONS[spec]
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"bad reward function path {spec!r}; expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(
+            f"reward function {spec!r}: cannot import module {module_name!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not hasattr(module, attribute):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no {attribute!r}")
+    function: Any = getattr(module, attribute)
+    if not callable(function):
+        raise ValueError(
+            f"reward function {spec!r}: {attribute!r} is a {type(function).__name__}, not callable"
+        )
+    return function

@@ -1,0 +1,300 @@
+"""A rollout worker: connect to a trainer, take leases, generate, submit, apply weight updates.
+
+Everything about the run (model, sampling, group size) comes from the trainer's run spec; the
+worker brings only its hardware. Generation runs in a background thread while the main thread
+keeps the connection alive (heartbeats both ways). If the trainer goes silent for longer than
+the heartbeat timeout, the worker drops the socket and reconnects by itself with backoff; a
+trainer restart is just another reconnect. A bad weight payload is refused without touching
+the model, and the worker asks again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from swarmrl import __version__
+from swarmrl.protocol import messages as m
+from swarmrl.protocol.codecs import PayloadError, decode_full
+from swarmrl.protocol.framing import ProtocolError
+from swarmrl.protocol.transport import Channel, make_dealer
+
+log = logging.getLogger("worker")
+
+WEIGHTS_MESSAGE_LIMIT = 64 * 2**30  # a worker must accept full-weight keyframes of big models
+
+
+@dataclass
+class WorkerOptions:
+    connect: str
+    name: str = ""
+    backend: str = "hf"
+    device: str = "auto"
+    max_prompts_per_lease: int = 8
+    slowdown: float = 1.0  # >1 simulates slower hardware: sleep (slowdown-1)x generation time
+    max_leases: int | None = None  # stop after this many leases (for tests and benchmarks)
+
+
+class TrainerGone(Exception):
+    """The trainer stopped answering, said bye, or forgot us: reconnect."""
+
+
+class Worker:
+    def __init__(self, options: WorkerOptions) -> None:
+        import zmq
+
+        self.options = options
+        self.identity = uuid.uuid4().bytes
+        self.context = zmq.Context()
+        self.channel: Channel | None = None
+        self.spec: m.RunSpec | None = None
+        self.backend: Any = None
+        self.version = -1
+        self.leases_done = 0
+        self.stopping = False
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    # ---- connection ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        backoff = 0.5
+        try:
+            while not self.stopping and not self._enough():
+                try:
+                    self._connect()
+                    backoff = 0.5
+                    self._serve()
+                except TrainerGone as gone:
+                    if self.stopping:
+                        break
+                    log.warning("%s; reconnecting in %.1fs", gone, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        except KeyboardInterrupt:
+            self.stopping = True
+        finally:
+            self._close("worker stopping")
+
+    def _request_stop(self) -> None:
+        self.stopping = True
+
+    def _enough(self) -> bool:
+        return self.options.max_leases is not None and self.leases_done >= self.options.max_leases
+
+    def _connect(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = Channel(
+            make_dealer(self.context, self.options.connect, self.identity, WEIGHTS_MESSAGE_LIMIT)
+        )
+        backend_name = self.options.backend
+        self._send(
+            m.Hello(
+                protocol_version=m.PROTOCOL_VERSION,
+                worker_name=self.options.name,
+                backend=backend_name,
+                software_version=__version__,
+                max_prompts_per_lease=self.options.max_prompts_per_lease,
+                weights_version=self.version,
+            )
+        )
+        reply = self._recv(timeout_s=30.0)
+        if isinstance(reply, m.Reject):
+            raise SystemExit(f"trainer refused this worker: {reply.reason}: {reply.detail}")
+        if not isinstance(reply, m.RunSpec):
+            raise TrainerGone(f"expected a run spec, got {type(reply).__name__}")
+        if self.spec is not None and (reply.model, reply.dtype) != (
+            self.spec.model,
+            self.spec.dtype,
+        ):
+            self.backend, self.version = None, -1  # a different run: start from its model
+        self.spec = reply
+        log.info(
+            "connected to %s as %s (run %s, trainer at version %d)",
+            self.options.connect,
+            reply.worker_id,
+            reply.run_id,
+            reply.weights_version,
+        )
+        if self.backend is None:
+            self.backend = self._load_backend(reply)
+            self.version = 0  # the run's base weights are version 0
+
+    def _load_backend(self, spec: m.RunSpec) -> Any:
+        from swarmrl.rollout.backend import make_backend
+        from swarmrl.trainer.loop import pick_device
+
+        device = pick_device(self.options.device)
+        log.info(
+            "loading %s (%s) with the %s backend on %s",
+            spec.model,
+            spec.dtype,
+            self.options.backend,
+            device,
+        )
+        return make_backend(self.options.backend, spec.model, spec.dtype, device)
+
+    def _send(self, message: Any) -> None:
+        assert self.channel is not None
+        self.channel.send(message)
+
+    def _recv(self, timeout_s: float) -> tuple[Any, list] | Any:
+        """Next message that is not a heartbeat; raises TrainerGone on silence."""
+        message, _ = self._recv_with_blobs(timeout_s)
+        return message
+
+    def _recv_with_blobs(self, timeout_s: float) -> tuple[Any, list]:
+        assert self.channel is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.stopping:
+                raise TrainerGone(f"no answer from the trainer for {timeout_s:.0f}s")
+            try:
+                received = self.channel.recv(timeout_s=min(remaining, 0.5))
+            except ProtocolError as error:
+                log.warning("dropped a malformed message from the trainer: %s", error)
+                continue
+            if received is None:
+                continue
+            message, blobs = received
+            if isinstance(message, m.Heartbeat):
+                continue
+            if isinstance(message, m.Bye):
+                raise TrainerGone(f"trainer said bye ({message.reason})")
+            return message, blobs
+
+    def _close(self, reason: str) -> None:
+        if self.channel is not None:
+            # The socket may already be gone; then there is nobody to tell.
+            with contextlib.suppress(Exception):
+                self._send(m.Bye(reason=reason))
+            self.channel.close()
+            self.channel = None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.context.destroy(linger=0)
+
+    # ---- work ----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self.spec is not None
+        timeout = self.spec.heartbeat_timeout_s
+        while not self.stopping and not self._enough():
+            self._send(
+                m.WorkRequest(
+                    max_prompts=self.options.max_prompts_per_lease, weights_version=self.version
+                )
+            )
+            message, blobs = self._recv_with_blobs(timeout)
+            if isinstance(message, m.WeightUpdate):
+                self._apply_weights(message, blobs)
+            elif isinstance(message, m.Lease):
+                self._work_on(message)
+            elif isinstance(message, m.NoWork):
+                time.sleep(message.retry_after_s)
+            elif isinstance(message, m.Reject) and message.reason == "unknown_worker":
+                raise TrainerGone("the trainer does not know this worker (it restarted?)")
+            else:
+                log.warning("unexpected reply %s", message)
+
+    def _apply_weights(self, update: m.WeightUpdate, blobs: list) -> None:
+        started = time.monotonic()
+        if update.codec != "full" or len(blobs) != 1:
+            log.error("cannot apply a %r update with %d payload frames", update.codec, len(blobs))
+            return
+        try:
+            tensors = decode_full(blobs[0], update.fingerprint)
+            self.backend.load_weights(tensors)
+        except (PayloadError, ValueError) as error:
+            log.error("weight update %d refused, weights unchanged: %s", update.version, error)
+            return
+        self.version = update.version
+        log.info(
+            "weights now at version %d (%.1f MB, %.2fs)",
+            update.version,
+            update.num_bytes / 1e6,
+            time.monotonic() - started,
+        )
+
+    def _work_on(self, lease: m.Lease) -> None:
+        """Generate in the background while answering heartbeats; then submit."""
+        assert self.spec is not None
+        started = time.monotonic()
+        future: Future = self.pool.submit(
+            self.backend.generate,
+            [p.token_ids for p in lease.prompts],
+            lease.num_generations,
+            self.spec.sampling,
+            [p.seed for p in lease.prompts],
+        )
+        beat = self.spec.heartbeat_interval_s
+        while not future.done():
+            try:
+                future.result(timeout=beat)
+            except TimeoutError:
+                self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))
+        samples = future.result()
+        elapsed = time.monotonic() - started
+        if self.options.slowdown > 1:
+            self._sleep_with_heartbeats((self.options.slowdown - 1) * elapsed)
+        groups = [
+            m.GroupResult(
+                prompt_id=prompt.prompt_id,
+                completions=[
+                    m.Completion(
+                        token_ids=s.token_ids,
+                        logprobs=s.logprobs,
+                        text=s.text,
+                        finish_reason=s.finish_reason,
+                    )
+                    for s in group
+                ],
+            )
+            for prompt, group in zip(lease.prompts, samples, strict=True)
+        ]
+        self._send(
+            m.Submission(
+                lease_id=lease.lease_id,
+                policy_version=self.version,
+                groups=groups,
+                generation_seconds=elapsed,
+            )
+        )
+        reply = self._recv(timeout_s=self.spec.heartbeat_timeout_s)
+        self.leases_done += 1
+        tokens = sum(len(s.token_ids) for group in samples for s in group)
+        if isinstance(reply, m.Accept):
+            log.info(
+                "lease %s: %d completions, %d tokens in %.1fs (%.0f tok/s), accepted",
+                lease.lease_id,
+                sum(len(g) for g in samples),
+                tokens,
+                elapsed,
+                tokens / max(elapsed, 1e-6),
+            )
+        elif isinstance(reply, m.Reject):
+            log.warning("lease %s rejected: %s (%s)", lease.lease_id, reply.reason, reply.detail)
+
+    def _sleep_with_heartbeats(self, seconds: float) -> None:
+        assert self.spec is not None
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and not self.stopping:
+            time.sleep(min(left, self.spec.heartbeat_interval_s))
+            self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))
+
+
+def run_worker(options: WorkerOptions, threads: int | None = None) -> None:
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+    Worker(options).run()

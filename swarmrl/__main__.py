@@ -1,0 +1,7 @@
+"""`python -m swarmrl ...` = `swarmrl ...`."""
+
+import sys
+
+from swarmrl.cli import main
+
+sys.exit(main())

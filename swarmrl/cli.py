@@ -1,0 +1,207 @@
+"""The `swarmrl` command: run, train, worker, eval.
+
+    swarmrl run [RECIPE] [--workers N]          trainer + N local workers on this machine
+    swarmrl train [RECIPE] --bind tcp://0.0.0.0:5555   the trainer alone; workers join later
+    swarmrl worker --connect tcp://HOST:PORT    lend this machine to a running swarm
+    swarmrl eval CHECKPOINT [--recipe RECIPE]   held-out greedy accuracy of a checkpoint
+
+Any config key can be overridden after the recipe: `--trainer.learning_rate 2e-5`. Only argparse
+and pydantic are imported up front, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from swarmrl.config import Config, ConfigError, load_config, to_toml
+
+OVERRIDE_HELP = "any config key, e.g. --trainer.learning_rate 2e-5 (see --dry-run for all keys)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarmrl",
+        description="Decentralized GRPO post-training: untrusted rollout workers, verifiable "
+        "rewards, one trainer over ZeroMQ.",
+        epilog=OVERRIDE_HELP,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, epilog=OVERRIDE_HELP)
+        command.add_argument(
+            "recipe", nargs="?", help="recipe file or shipped recipe name (default: arithmetic)"
+        )
+        command.add_argument("--dry-run", action="store_true", help="print the resolved config")
+        command.add_argument(
+            "--resume",
+            nargs="?",
+            const="latest",
+            metavar="RUN_FOLDER",
+            help="continue from the last checkpoint of RUN_FOLDER "
+            "(default: the newest run of this recipe)",
+        )
+        command.add_argument("--bind", help="trainer endpoint (= --swarm.bind)")
+        return command
+
+    run = recipe_command("run", "trainer plus local rollout workers on this machine")
+    run.add_argument("--workers", type=int, help="local workers to start (= --swarm.workers)")
+    recipe_command("train", "the trainer alone; workers connect to --bind")
+
+    worker = commands.add_parser("worker", help="a rollout worker for a running trainer")
+    worker.add_argument("--connect", required=True, help="trainer endpoint, tcp://HOST:PORT")
+    worker.add_argument("--name", default="", help="how the trainer logs this worker")
+    worker.add_argument("--backend", default="hf", choices=["hf"], help="inference engine")
+    worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    worker.add_argument("--threads", type=int, help="torch CPU threads")
+    worker.add_argument("--max-prompts", type=int, default=8, help="most prompts per lease")
+    worker.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="simulate slower hardware: take FACTOR times as long",
+    )
+    worker.add_argument("--max-leases", type=int, help="exit after this many leases")
+    worker.add_argument("--log-dir", type=Path, help="also write <name>.log here")
+    worker.add_argument("--console-level", default="info", choices=["debug", "info", "warning"])
+
+    evaluate = commands.add_parser(
+        "eval", help="held-out greedy accuracy of a checkpoint", epilog=OVERRIDE_HELP
+    )
+    evaluate.add_argument("checkpoint", help="checkpoint folder (or a model reference)")
+    evaluate.add_argument("--recipe", help="recipe whose data and rewards to use")
+    return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--section.key VALUE` / `--section.key=VALUE` pairs from ordinary arguments."""
+    rest, overrides, index = [], [], 0
+    while index < len(argv):
+        token = argv[index]
+        if token.startswith("--") and "." in token.split("=", 1)[0]:
+            take = 1 if "=" in token else 2
+            overrides += argv[index : index + take]
+            index += take
+        else:
+            rest.append(token)
+            index += 1
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    arguments = parser.parse_args(rest)
+    try:
+        if arguments.command == "worker":
+            if overrides:
+                parser.error(f"a worker takes no config overrides: {' '.join(overrides)}")
+            return _worker(arguments)
+        if getattr(arguments, "bind", None):
+            overrides += ["--swarm.bind", arguments.bind]
+        if getattr(arguments, "workers", None) is not None:
+            overrides += ["--swarm.workers", str(arguments.workers)]
+        config = load_config(arguments.recipe, overrides)
+    except ConfigError as error:
+        print(f"swarmrl: {error}", file=sys.stderr)
+        return 2
+    if arguments.command == "eval":
+        return _eval(arguments, config)
+    if arguments.dry_run:
+        print(to_toml(config), end="")
+        return 0
+    return _train(arguments, config)
+
+
+def run_folder(config: Config, resume: str | None) -> Path:
+    root = Path(config.logging.run_dir)
+    stem = Path(config.recipe).stem
+    if resume and resume != "latest":
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise ConfigError(f"--resume: {folder} is not a run folder")
+        return folder
+    if resume == "latest":
+        runs = sorted(root.glob(f"{stem}-*"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ConfigError(f"--resume: no earlier run of {stem!r} under {root}")
+        return runs[-1]
+    name = config.logging.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return root / name
+
+
+def _train(arguments: argparse.Namespace, config: Config) -> int:
+    from swarmrl.launch import run_local
+    from swarmrl.logs import setup_logging
+
+    try:
+        folder = run_folder(config, arguments.resume)
+    except ConfigError as error:
+        print(f"swarmrl: {error}", file=sys.stderr)
+        return 2
+    setup_logging("trainer", folder, config.logging.level)
+    workers = config.swarm.workers if arguments.command == "run" else 0
+    summary = run_local(config, folder, workers, resume=arguments.resume is not None)
+    before, after = summary.get("before"), summary.get("after")
+    print(f"\nswarmrl: {summary['steps']} steps", file=sys.stderr)
+    if before is not None and after is not None:
+        print(
+            f"swarmrl: held-out greedy accuracy {before:.3f} -> {after:.3f} "
+            f"({100 * (after - before):+.1f} points)",
+            file=sys.stderr,
+        )
+    for name, worker in sorted(summary["workers"].items()):
+        print(
+            f"swarmrl: {name}: {worker['samples']} samples accepted, {worker['rejected']} rejected",
+            file=sys.stderr,
+        )
+    print(f"swarmrl: run folder {folder}", file=sys.stderr)
+    return 130 if summary["interrupted"] else 0
+
+
+def _worker(arguments: argparse.Namespace) -> int:
+    from swarmrl.logs import setup_logging
+    from swarmrl.rollout.worker import WorkerOptions, run_worker
+
+    setup_logging(arguments.name or "worker", arguments.log_dir, "info")
+    if arguments.console_level != "info":
+        import logging
+
+        logging.getLogger().handlers[0].setLevel(arguments.console_level.upper())
+    options = WorkerOptions(
+        connect=arguments.connect,
+        name=arguments.name,
+        backend=arguments.backend,
+        device=arguments.device,
+        max_prompts_per_lease=arguments.max_prompts,
+        slowdown=arguments.slowdown,
+        max_leases=arguments.max_leases,
+    )
+    run_worker(options, arguments.threads)
+    return 0
+
+
+def _eval(arguments: argparse.Namespace, config: Config) -> int:
+    from swarmrl.logs import setup_logging
+    from swarmrl.models import load_model, load_tokenizer
+    from swarmrl.trainer.data import load_tasks
+    from swarmrl.trainer.evaluate import evaluate
+    from swarmrl.trainer.loop import pick_device
+
+    log = setup_logging("eval", None, config.logging.level)
+    device = pick_device(config.model.device)
+    model = load_model(arguments.checkpoint, dtype=config.model.dtype, device=device)
+    tokenizer = load_tokenizer(arguments.checkpoint)
+    tasks = load_tasks(config.data, config.eval.heldout_size)
+    result = evaluate(model, tokenizer, tasks.heldout, config)
+    for question, answer, completion in result.examples:
+        log.info("%s  gold %s  model %r", question, answer, completion[:80])
+    print(f"held-out greedy accuracy: {result.accuracy:.3f} on {result.count} prompts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

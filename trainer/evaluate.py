@@ -1,0 +1,60 @@
+"""Held-out greedy accuracy: the number a run is judged by, before and after training.
+
+Greedy decoding of every held-out prompt, scored with the recipe's accuracy reward (the first
+reward function unless `eval.accuracy_reward` names another). Used by the trainer at the start
+and end of a run and by `swarmrl eval CHECKPOINT`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from swarmrl.config import Config
+from swarmrl.rewards import load_reward_function, score_completions
+from swarmrl.trainer.data import Task, prompt_text, prompt_token_ids
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    count: int
+    mean_completion_tokens: float
+    examples: list[tuple[str, str, str]]  # (question, gold answer, completion) for the log
+
+
+def accuracy_function(config: Config) -> tuple[str, Any]:
+    name = config.eval.accuracy_reward or config.rewards[0].function
+    return name, load_reward_function(name)
+
+
+def evaluate(model: Any, tokenizer: Any, tasks: list[Task], config: Config) -> EvalResult:
+    from swarmrl.rollout.hf_backend import HFBackend
+
+    if not tasks:
+        return EvalResult(accuracy=float("nan"), count=0, mean_completion_tokens=0.0, examples=[])
+    backend = HFBackend(model, tokenizer)
+    name, function = accuracy_function(config)
+    prompts = [prompt_text(config.data, tokenizer, task.question) for task in tasks]
+    completions: list[str] = []
+    lengths: list[int] = []
+    size = config.eval.batch_size
+    for start in range(0, len(tasks), size):
+        batch = [prompt_token_ids(config.data, tokenizer, p) for p in prompts[start : start + size]]
+        for ids in backend.generate_greedy(
+            batch, config.eval.max_completion_length, config.sampling.stop
+        ):
+            lengths.append(len(ids))
+            completions.append(tokenizer.decode(ids, skip_special_tokens=True))
+    columns = {"answer": [task.answer for task in tasks]}
+    for key in tasks[0].columns:
+        columns[key] = [task.columns.get(key) for task in tasks]
+    scores = score_completions([(name, function, 1.0)], prompts, completions, columns)
+    correct = [1.0 if value == 1.0 else 0.0 for value in scores.per_function[name]]
+    examples = [(t.question, t.answer, c) for t, c in zip(tasks[:3], completions[:3], strict=True)]
+    return EvalResult(
+        accuracy=sum(correct) / len(tasks),
+        count=len(tasks),
+        mean_completion_tokens=sum(lengths) / len(lengths),
+        examples=examples,
+    )

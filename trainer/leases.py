@@ -1,0 +1,127 @@
+"""Which prompts are out with which worker: issuing, closing, expiring and re-issuing leases.
+
+The prompt stream is an index sequence (item i of the task source). A lease hands a worker a
+few prompt indices, each with the sampling seed the trainer chose. A lease ends in one of three
+ways: the worker submits it (closed), the worker goes silent or the deadline passes (expired),
+or the submission is rejected. Expired and rejected prompts go to the front of the queue and are
+leased again, so no prompt is lost; `state()`/`restore()` carry this across a trainer restart.
+Pure bookkeeping with the clock passed in, so it is unit-tested without sockets or sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+
+class LeaseError(Exception):
+    """A submission that does not match an open lease; `reason` is the protocol reject code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class OpenLease:
+    lease_id: str
+    worker_id: str
+    prompt_indices: list[int]
+    seeds: list[int]
+    policy_version: int
+    deadline: float
+
+
+def prompt_id(index: int) -> str:
+    return f"p{index}"
+
+
+class LeaseBook:
+    def __init__(self, seed: int, lease_timeout_s: float) -> None:
+        self.seed = seed
+        self.lease_timeout_s = lease_timeout_s
+        self.next_index = 0
+        self.requeued: deque[int] = deque()
+        self.open: dict[str, OpenLease] = {}
+        self.attempts: dict[int, int] = {}  # only prompts that were re-queued
+        self._ids = itertools.count(1)
+
+    def outstanding_prompts(self) -> int:
+        return sum(len(lease.prompt_indices) for lease in self.open.values())
+
+    def issue(self, worker_id: str, count: int, policy_version: int, now: float) -> OpenLease:
+        indices = []
+        while len(indices) < count:
+            if self.requeued:
+                indices.append(self.requeued.popleft())
+            else:
+                indices.append(self.next_index)
+                self.next_index += 1
+        seeds = [self._seed(index) for index in indices]
+        lease = OpenLease(
+            lease_id=f"L{next(self._ids)}",
+            worker_id=worker_id,
+            prompt_indices=indices,
+            seeds=seeds,
+            policy_version=policy_version,
+            deadline=now + self.lease_timeout_s,
+        )
+        self.open[lease.lease_id] = lease
+        return lease
+
+    def _seed(self, index: int) -> int:
+        """A seed per (prompt, attempt): a re-issued prompt is not sampled identically."""
+        attempt = self.attempts.get(index, 0)
+        return (self.seed * 1_000_003 + index * 7_919 + attempt) % (2**31 - 1)
+
+    def close(self, lease_id: str, worker_id: str, now: float) -> OpenLease:
+        """Take an open lease out of the book for its submission, or raise LeaseError."""
+        lease = self.open.get(lease_id)
+        if lease is None:
+            raise LeaseError("unknown_lease", f"lease {lease_id} is not open (expired or done)")
+        if lease.worker_id != worker_id:
+            raise LeaseError("not_your_lease", f"lease {lease_id} belongs to another worker")
+        if now > lease.deadline:
+            self._expire(lease)
+            raise LeaseError("lease_expired", f"lease {lease_id} passed its deadline")
+        del self.open[lease_id]
+        return lease
+
+    def requeue(self, indices: list[int]) -> None:
+        """Put prompts back at the front of the stream (rejected or stale results)."""
+        for index in reversed(indices):
+            self.requeued.appendleft(index)
+            self.attempts[index] = self.attempts.get(index, 0) + 1
+
+    def expire_due(self, now: float) -> list[OpenLease]:
+        due = [lease for lease in self.open.values() if now > lease.deadline]
+        for lease in due:
+            self._expire(lease)
+        return due
+
+    def expire_worker(self, worker_id: str) -> list[OpenLease]:
+        gone = [lease for lease in self.open.values() if lease.worker_id == worker_id]
+        for lease in gone:
+            self._expire(lease)
+        return gone
+
+    def _expire(self, lease: OpenLease) -> None:
+        del self.open[lease.lease_id]
+        self.requeue(lease.prompt_indices)
+
+    def state(self) -> dict:
+        """What a checkpoint needs: open leases count as not yet done."""
+        pending = [i for lease in self.open.values() for i in lease.prompt_indices]
+        return {
+            "next_index": self.next_index,
+            "requeued": pending + list(self.requeued),
+            "attempts": {str(k): v for k, v in self.attempts.items()},
+        }
+
+    def restore(self, state: dict) -> None:
+        self.next_index = int(state["next_index"])
+        self.requeued = deque(int(i) for i in state["requeued"])
+        self.attempts = {int(k): int(v) for k, v in state["attempts"].items()}
+        self.open.clear()
