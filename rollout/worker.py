@@ -111,11 +111,12 @@ class Worker:
             raise SystemExit(f"trainer refused this worker: {reply.reason}: {reply.detail}")
         if not isinstance(reply, m.RunSpec):
             raise TrainerGone(f"expected a run spec, got {type(reply).__name__}")
-        if self.spec is not None and (reply.model, reply.dtype) != (
-            self.spec.model,
-            self.spec.dtype,
-        ):
-            self.backend, self.version = None, -1  # a different run: start from its model
+        if self.spec is not None and reply.run_id != self.spec.run_id:
+            # Another run (or a restarted trainer): version numbers may mean other weights.
+            # Keep the engine if the model is the same and let the trainer send a keyframe.
+            self.version = -1
+            if (reply.model, reply.dtype) != (self.spec.model, self.spec.dtype):
+                self.backend = None
         self.spec = reply
         log.info(
             "connected to %s as %s (run %s, trainer at version %d)",

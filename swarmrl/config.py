@@ -9,6 +9,7 @@ file (or the command line) and the key, with a suggestion when the key looks lik
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -189,18 +190,18 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     _check_keys(data, Config, str(path))
-    for key, value in parse_overrides(overrides or []):
-        _check_keys(_nest(key, value), Config, "command line")
-        _assign(data, key, value)
+    pairs = parse_overrides(overrides or [])
+    for key, raw in pairs:
+        _assign(data, key, _typed_value(key, raw))
     data["recipe"] = str(path)
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, str(path))) from None
+        raise ConfigError(_describe(error, str(path), {key for key, _ in pairs})) from None
 
 
-def parse_overrides(arguments: list[str]) -> list[tuple[str, Any]]:
-    """`['--trainer.learning_rate', '1e-5', '--eval.before=false']` -> [(key, typed value)]."""
+def parse_overrides(arguments: list[str]) -> list[tuple[str, str]]:
+    """`['--trainer.learning_rate', '1e-5', '--eval.before=false']` -> [(key, raw text)]."""
     pairs, index = [], 0
     while index < len(arguments):
         argument = arguments[index]
@@ -214,26 +215,40 @@ def parse_overrides(arguments: list[str]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"command line: {argument} needs a value")
             key, raw = argument[2:], arguments[index + 1]
             index += 2
-        pairs.append((key, _parse_value(raw)))
+        pairs.append((key, raw))
     return pairs
 
 
-def _parse_value(raw: str) -> Any:
-    """TOML literal if it parses (numbers, booleans, arrays), else the plain string."""
-    try:
-        return tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
-        return raw
+def _typed_value(key: str, raw: str) -> Any:
+    """Check the key path against the config tree; read the value as TOML unless it is a string.
 
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    cursor = nested
+    A string field keeps the text as typed (`--logging.run_name 2024` stays "2024"); other
+    fields get TOML literals (numbers, booleans, arrays) and pydantic validates them.
+    """
+    model: type[BaseModel] = Config
     parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return nested
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])!r}?" if close else ""
+            raise ConfigError(f"command line: unknown key {key!r}{hint}")
+        annotation = fields[part].annotation
+        if depth == len(parts) - 1:
+            if annotation in (str, str | None):
+                return raw
+            try:
+                return tomllib.loads(f"value = {raw}")["value"]
+            except tomllib.TOMLDecodeError:
+                return raw
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            section = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"command line: {key!r}: {section!r} is not a section; "
+                "set lists such as [[rewards]] in the recipe file"
+            )
+        model = annotation
+    raise AssertionError("unreachable")
 
 
 def _assign(data: dict[str, Any], key: str, value: Any) -> None:
@@ -251,8 +266,8 @@ def _check_keys(
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown key {prefix}{key!r}{hint}")
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {prefix + key!r}{hint}")
         annotation = fields[key].annotation
         if (
             isinstance(value, dict)
@@ -262,11 +277,13 @@ def _check_keys(
             _check_keys(value, annotation, source, f"{prefix}{key}.")
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+def _describe(error: ValidationError, path: str, override_keys: set[str]) -> str:
+    """One line per problem, each naming where the bad value came from."""
+    lines = [f"{path}: invalid config"]
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {location}: {item['msg']} (got {item.get('input')!r})")
+        source = " [from the command line]" if location in override_keys else ""
+        lines.append(f"  {location}: {item['msg']} (got {item.get('input')!r}){source}")
     return "\n".join(lines)
 
 
@@ -297,7 +314,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        # A JSON string literal (non-ASCII kept as is) is a valid TOML basic string.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

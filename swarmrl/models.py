@@ -13,6 +13,7 @@ Heavy imports (torch, transformers) happen inside the functions.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -47,8 +48,12 @@ def resolve_model(reference: str) -> str:
     if not gguf_path.is_file():
         raise ValueError(f"model reference {reference!r}: {gguf_path} does not exist")
     target = cache_dir() / "models" / f"{package}--{Path(filename).stem}"
-    if not (target / "config.json").is_file():
-        _convert_gguf(gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Trainer and workers may start together: one converts, the others wait for it.
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf_path, target)
     return str(target)
 
 
@@ -67,7 +72,6 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(staging)

@@ -9,6 +9,7 @@ and never enters. A group sampled more than `max_staleness` policy versions ago 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class GroupBuffer:
     ) -> tuple[list[ScoredGroup] | None, list[ScoredGroup]]:
         """Wait for `count` fresh groups. Returns (batch or None on timeout/close, stale groups)."""
         stale: list[ScoredGroup] = []
+        deadline = time.monotonic() + timeout_s
         with self._ready:
             while True:
                 fresh: deque[ScoredGroup] = deque()
@@ -64,7 +66,8 @@ class GroupBuffer:
                 self._groups = fresh
                 if len(fresh) >= count:
                     return [fresh.popleft() for _ in range(count)], stale
-                if self._closed or not self._ready.wait(timeout_s):
+                remaining = deadline - time.monotonic()
+                if self._closed or remaining <= 0 or not self._ready.wait(remaining):
                     return None, stale
 
     def peek(self) -> list[ScoredGroup]:

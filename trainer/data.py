@@ -41,18 +41,26 @@ class ArithmeticTasks:
 
     def __init__(self, config: DataConfig, heldout_size: int) -> None:
         self.config = config
-        self.heldout = [self._make(f"heldout:{config.seed}:{i}") for i in range(heldout_size)]
-        self._heldout_questions = {task.question for task in self.heldout}
         space = self._space_size()
-        if space <= len(self._heldout_questions):
+        if space < 2 * heldout_size:
             raise ValueError(
-                f"data: only {space} distinct questions, all taken by the held-out set; "
-                "widen data.first_operand / data.second_operand or shrink eval.heldout_size"
+                f"data: only {space} distinct questions; the held-out set ({heldout_size}) may "
+                "take at most half: widen data.first_operand / data.second_operand or shrink "
+                "eval.heldout_size"
             )
+        self.heldout: list[Task] = []
+        self._heldout_questions: set[str] = set()
+        attempt = 0
+        while len(self.heldout) < heldout_size:  # distinct questions, so none counts twice
+            task = self._make(f"heldout:{config.seed}:{attempt}")
+            attempt += 1
+            if task.question not in self._heldout_questions:
+                self.heldout.append(task)
+                self._heldout_questions.add(task.question)
 
     def _space_size(self) -> int:
         (a_low, a_high), (b_low, b_high) = self.config.first_operand, self.config.second_operand
-        return (a_high - a_low + 1) * (b_high - b_low + 1) * len(self.config.operations)
+        return (a_high - a_low + 1) * (b_high - b_low + 1) * len(set(self.config.operations))
 
     def _make(self, key: str) -> Task:
         rng = random.Random(key)

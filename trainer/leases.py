@@ -11,6 +11,7 @@ Pure bookkeeping with the clock passed in, so it is unit-tested without sockets 
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections import deque
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ def prompt_id(index: int) -> str:
 
 
 class LeaseBook:
-    def __init__(self, seed: int, lease_timeout_s: float) -> None:
+    def __init__(self, seed: int, lease_timeout_s: float, id_prefix: str | None = None) -> None:
         self.seed = seed
         self.lease_timeout_s = lease_timeout_s
         self.next_index = 0
@@ -47,6 +48,8 @@ class LeaseBook:
         self.open: dict[str, OpenLease] = {}
         self.attempts: dict[int, int] = {}  # only prompts that were re-queued
         self._ids = itertools.count(1)
+        # Lease ids differ between trainer restarts, so a pre-restart lease never matches.
+        self._prefix = f"L{secrets.token_hex(3)}-" if id_prefix is None else id_prefix
 
     def outstanding_prompts(self) -> int:
         return sum(len(lease.prompt_indices) for lease in self.open.values())
@@ -61,7 +64,7 @@ class LeaseBook:
                 self.next_index += 1
         seeds = [self._seed(index) for index in indices]
         lease = OpenLease(
-            lease_id=f"L{next(self._ids)}",
+            lease_id=f"{self._prefix}{next(self._ids)}",
             worker_id=worker_id,
             prompt_indices=indices,
             seeds=seeds,
@@ -84,7 +87,7 @@ class LeaseBook:
         if lease.worker_id != worker_id:
             raise LeaseError("not_your_lease", f"lease {lease_id} belongs to another worker")
         if now > lease.deadline:
-            self._expire(lease)
+            self._expire([lease])
             raise LeaseError("lease_expired", f"lease {lease_id} passed its deadline")
         del self.open[lease_id]
         return lease
@@ -96,28 +99,28 @@ class LeaseBook:
             self.attempts[index] = self.attempts.get(index, 0) + 1
 
     def expire_due(self, now: float) -> list[OpenLease]:
-        due = [lease for lease in self.open.values() if now > lease.deadline]
-        for lease in due:
-            self._expire(lease)
-        return due
+        return self._expire([lease for lease in self.open.values() if now > lease.deadline])
 
     def expire_worker(self, worker_id: str) -> list[OpenLease]:
-        gone = [lease for lease in self.open.values() if lease.worker_id == worker_id]
-        for lease in gone:
-            self._expire(lease)
-        return gone
+        return self._expire([lease for lease in self.open.values() if lease.worker_id == worker_id])
 
-    def _expire(self, lease: OpenLease) -> None:
-        del self.open[lease.lease_id]
-        self.requeue(lease.prompt_indices)
+    def _expire(self, leases: list[OpenLease]) -> list[OpenLease]:
+        """Close these leases and put their prompts back, oldest prompt first."""
+        for lease in leases:
+            del self.open[lease.lease_id]
+        self.requeue(sorted(i for lease in leases for i in lease.prompt_indices))
+        return leases
 
     def state(self) -> dict:
         """What a checkpoint needs: open leases count as not yet done."""
         pending = [i for lease in self.open.values() for i in lease.prompt_indices]
+        attempts = dict(self.attempts)
+        for index in pending:  # re-issued after a restart, so sampled with a new seed
+            attempts[index] = attempts.get(index, 0) + 1
         return {
             "next_index": self.next_index,
             "requeued": pending + list(self.requeued),
-            "attempts": {str(k): v for k, v in self.attempts.items()},
+            "attempts": {str(k): v for k, v in attempts.items()},
         }
 
     def restore(self, state: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,13 @@ def train(
     ]
     leases = LeaseBook(config.data.seed, config.swarm.lease_timeout_s)
     checkpoint_folder = run_folder / "checkpoints"
-    step, history = 0, {}
+    step, history, run_id = 0, {}, uuid.uuid4().hex[:12]
     if resume:
         state = load_latest(checkpoint_folder, model, optimizer)
         if state is None:
             log.warning("--resume: no readable checkpoint in %s; starting fresh", checkpoint_folder)
         else:
-            step, history = state["step"], state.get("history", {})
+            step, history, run_id = state["step"], state["history"], state["run_id"]
             leases.restore(state["leases"])
 
     # ---- the swarm comes up; workers load while we measure the starting point ------------
@@ -96,6 +97,7 @@ def train(
         reward_functions,
         leases,
         Weights(version=step, payload=payload, fingerprint=fingerprint(payload)),
+        run_id,
     )
     server.start()
     log.info("listening on %s (run %s)", server.endpoint, server.run_id)
@@ -232,7 +234,7 @@ def _checkpoint(
     history: dict,
     config: Config,
 ) -> Path:
-    state = {"leases": server.lease_state(), "history": history, "version": step}
+    state = {"leases": server.lease_state(), "history": history, "run_id": server.run_id}
     path = save(folder, step, model, tokenizer, optimizer, state, config.checkpoint.keep)
     log.info("checkpoint saved: %s", path)
     return path

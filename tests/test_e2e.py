@@ -1,0 +1,186 @@
+"""End to end over real ZeroMQ on loopback with the real tiny model: the CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST_RUN, free_port, swarmrl, wait_for_text
+
+pytestmark = pytest.mark.e2e
+
+
+def metrics(folder: Path, kind: str) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [record for line in lines if (record := json.loads(line))["kind"] == kind]
+
+
+def accepted_samples(trainer_log: str) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for worker, count in re.findall(r"accepted from (\S+): (\d+) samples", trainer_log):
+        totals[worker] = totals.get(worker, 0) + int(count)
+    return totals
+
+
+def test_run_trains_through_a_real_swarm(model_path: str, tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    process = swarmrl(
+        "run",
+        *FAST_RUN,
+        "--trainer.max_steps",
+        "2",
+        "--checkpoint.every_steps",
+        "1",
+        "--eval.before=true",
+        "--eval.after=true",
+        "--eval.heldout_size",
+        "8",
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        "smoke",
+        log=log,
+    )
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    folder = tmp_path / "smoke"
+    steps = metrics(folder, "train")
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)
+    # Both workers' samples reached the trainer, and the worker logs carry their role tag.
+    output = log.read_text()
+    assert re.search(r"worker-1: \d+ samples accepted", output)
+    assert re.search(r"worker-2: \d+ samples accepted", output)
+    contributed = accepted_samples((folder / "trainer.log").read_text())
+    assert set(contributed) == {"worker-1", "worker-2"}
+    assert " worker-1 " in (folder / "worker-1.log").read_text()
+    # Weights moved to the workers after each step, checkpoints are complete HF folders.
+    assert (
+        "weights now at version 1"
+        in (folder / "worker-1.log").read_text() + (folder / "worker-2.log").read_text()
+    )
+    assert (folder / "checkpoints" / "step_2" / "config.json").is_file()
+    assert (folder / "checkpoints" / "step_2" / "trainer_state.json").is_file()
+    assert [e["step"] for e in metrics(folder, "eval")] == [0, 2]
+    assert "held-out greedy accuracy" in output and f"run folder {folder}" in output
+    assert any((folder / "tensorboard").iterdir())
+
+
+def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
+    """kill -9 a worker mid-lease: its prompts are leased again and trained on."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    folder = tmp_path / "kill"
+    trainer = swarmrl(
+        "train",
+        *FAST_RUN,
+        "--bind",
+        endpoint,
+        "--trainer.max_steps",
+        "2",
+        "--logging.level",
+        "debug",
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        "kill",
+        log=tmp_path / "t.log",
+    )
+    victim = swarmrl(
+        "worker",
+        "--connect",
+        endpoint,
+        "--name",
+        "victim",
+        "--threads",
+        "1",
+        "--slowdown",
+        "50",
+        log=tmp_path / "victim.log",
+    )
+    try:
+        trainer_log = folder / "trainer.log"
+        wait_for_text(trainer_log, "victim joined", 120, trainer)
+        wait_for_text(trainer_log, "leased to victim", 120, trainer)
+        leased = re.search(r"lease (\S+) \((\S+)\) leased to victim", trainer_log.read_text())
+        assert leased is not None
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        wait_for_text(trainer_log, "victim left: silent", 60, trainer)
+        helper = swarmrl(
+            "worker",
+            "--connect",
+            endpoint,
+            "--name",
+            "helper",
+            "--threads",
+            "1",
+            log=tmp_path / "helper.log",
+        )
+        try:
+            assert trainer.wait(timeout=600) == 0, (tmp_path / "t.log").read_text()[-3000:]
+        finally:
+            helper.send_signal(signal.SIGTERM)
+            helper.wait(timeout=30)
+    finally:
+        for process in (trainer, victim):
+            if process.poll() is None:
+                process.kill()
+    text = trainer_log.read_text()
+    # Every prompt the victim held was leased again and came back accepted from the helper.
+    for prompt in leased.group(2).split(","):
+        assert re.search(rf"lease \S+ \(\S*\b{prompt}\b\S*\) accepted from helper", text), prompt
+    assert "victim" not in accepted_samples(text)
+
+
+def test_slow_worker_contributes_fewer_samples(model_path: str, tmp_path: Path) -> None:
+    """A worker 4x slower is not waited for: it simply contributes fewer samples."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    folder = tmp_path / "mixed"
+    trainer = swarmrl(
+        "train",
+        *FAST_RUN,
+        "--bind",
+        endpoint,
+        "--trainer.max_steps",
+        "4",
+        "--logging.level",
+        "debug",
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        "mixed",
+        log=tmp_path / "t.log",
+    )
+    workers = [
+        swarmrl(
+            "worker",
+            "--connect",
+            endpoint,
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--slowdown",
+            slowdown,
+            log=tmp_path / f"{name}.log",
+        )
+        for name, slowdown in (("fast", "1"), ("slow", "4"))
+    ]
+    try:
+        assert trainer.wait(timeout=600) == 0, (tmp_path / "t.log").read_text()[-3000:]
+    finally:
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in [*workers, trainer]:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    contributed = accepted_samples((folder / "trainer.log").read_text())
+    assert contributed.get("fast", 0) > 0
+    assert contributed.get("slow", 0) < contributed["fast"] / 2, contributed
+    assert [s["step"] for s in metrics(folder, "train")] == [1, 2, 3, 4]
