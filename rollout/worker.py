@@ -143,11 +143,14 @@ class Worker:
         )
         return make_backend(self.options.backend, spec.model, spec.dtype, device)
 
-    def _send(self, message: Any) -> None:
+    def _send(self, message: Any, timeout_s: float = 30.0) -> None:
         assert self.channel is not None
-        self.channel.send(message)
+        try:
+            self.channel.send(message, timeout_s=timeout_s)
+        except TimeoutError as error:
+            raise TrainerGone(str(error)) from None
 
-    def _recv(self, timeout_s: float) -> tuple[Any, list] | Any:
+    def _recv(self, timeout_s: float) -> Any:
         """Next message that is not a heartbeat; raises TrainerGone on silence."""
         message, _ = self._recv_with_blobs(timeout_s)
         return message
@@ -175,9 +178,9 @@ class Worker:
 
     def _close(self, reason: str) -> None:
         if self.channel is not None:
-            # The socket may already be gone; then there is nobody to tell.
-            with contextlib.suppress(Exception):
-                self._send(m.Bye(reason=reason))
+            # The trainer may already be gone; then there is nobody to tell.
+            with contextlib.suppress(TrainerGone):
+                self._send(m.Bye(reason=reason), timeout_s=1.0)
             self.channel.close()
             self.channel = None
         self.pool.shutdown(wait=False, cancel_futures=True)

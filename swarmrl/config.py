@@ -95,7 +95,7 @@ class TrainerConfig(Section):
     tis_cap: float = Field(2.0, gt=0, description="truncated importance-sampling cap")
     prompts_per_step: int = Field(4, ge=1, description="groups with nonzero reward spread per step")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward pass")
-    max_staleness: int = Field(1, ge=0, description="policy versions a sample may lag")
+    max_staleness: int = Field(2, ge=0, description="policy versions a sample may lag")
     max_steps: int = Field(30, ge=0)
     max_minutes: float | None = Field(None, gt=0, description="stop training after this long")
     seed: int = 0

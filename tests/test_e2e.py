@@ -53,10 +53,9 @@ def test_run_trains_through_a_real_swarm(model_path: str, tmp_path: Path) -> Non
     assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)
     # Both workers' samples reached the trainer, and the worker logs carry their role tag.
     output = log.read_text()
-    assert re.search(r"worker-1: \d+ samples accepted", output)
-    assert re.search(r"worker-2: \d+ samples accepted", output)
-    contributed = accepted_samples((folder / "trainer.log").read_text())
+    contributed = dict(re.findall(r"swarmrl: (worker-\d): (\d+) samples accepted", output))
     assert set(contributed) == {"worker-1", "worker-2"}
+    assert all(int(count) > 0 for count in contributed.values())
     assert " worker-1 " in (folder / "worker-1.log").read_text()
     # Weights moved to the workers after each step, checkpoints are complete HF folders.
     assert (

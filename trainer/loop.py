@@ -88,7 +88,12 @@ def train(
             step, history, run_id = state["step"], state["history"], state["run_id"]
             leases.restore(state["leases"])
 
-    # ---- the swarm comes up; workers load while we measure the starting point ------------
+    # ---- the starting point, measured before any worker competes for the machine --------
+    metrics = MetricsWriter(run_folder, config.logging.tensorboard)
+    if config.eval.before and "before" not in history:
+        history["before"] = _evaluate(evaluate, model, tokenizer, tasks, config, metrics, step)
+
+    # ---- the swarm comes up ----------------------------------------------------------------
     payload = encode_full(model)
     server = SwarmServer(
         config,
@@ -104,9 +109,6 @@ def train(
     (run_folder / "endpoint").write_text(server.endpoint + "\n")
     if on_ready is not None:
         on_ready(server.endpoint)
-    metrics = MetricsWriter(run_folder, config.logging.tensorboard)
-    if config.eval.before and "before" not in history:
-        history["before"] = _evaluate(evaluate, model, tokenizer, tasks, config, metrics, step)
 
     # ---- train ----------------------------------------------------------------------------
     progress = Progress(trainer.max_steps, step)
