@@ -109,8 +109,9 @@ class Channel:
             return None
         return decode(self.socket.recv_multipart(copy=False))
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close; `linger_s` gives queued messages (a last submission, a bye) time to leave."""
+        self.socket.close(linger=int(linger_s * 1000))
 
 
 def recv_from(router: zmq.Socket, timeout_s: float) -> tuple[bytes, list[zmq.Frame]] | None:

@@ -53,12 +53,14 @@ class HFBackend:
             do_sample=True,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
-            top_k=sampling.top_k or None,
+            top_k=sampling.top_k,  # 0 is off; None would mean the model's default (often 50)
             output_scores=True,
         )
         new_tokens = output.sequences[:, max(len(p) for p in prompts) :]
         logprobs = self._sampled_logprobs(output.scores, new_tokens)
-        samples = [self._trim(new_tokens[row], logprobs[row]) for row in range(len(batch))]
+        samples = [
+            self._trim(new_tokens[row], logprobs[row], sampling.stop) for row in range(len(batch))
+        ]
         return [
             samples[i * num_generations : (i + 1) * num_generations] for i in range(len(prompts))
         ]
@@ -69,7 +71,7 @@ class HFBackend:
         """Greedy completions (token ids up to and including the end token), for evaluation."""
         output = self._generate(prompts, max_new_tokens=max_tokens, stop=stop, do_sample=False)
         new_tokens = output.sequences[:, max(len(p) for p in prompts) :]
-        return [self._trim(row, None).token_ids for row in new_tokens]
+        return [self._trim(row, None, stop).token_ids for row in new_tokens]
 
     def _generate(self, prompts: list[list[int]], stop: list[str], **options: Any) -> Any:
         import torch
@@ -90,6 +92,11 @@ class HFBackend:
                 stop_strings=stop or None,
                 tokenizer=self.tokenizer if stop else None,
                 return_dict_in_generate=True,
+                # Nothing from the model's own generation_config may reshape the distribution.
+                repetition_penalty=1.0,
+                no_repeat_ngram_size=0,
+                min_p=None,
+                typical_p=1.0,
                 **options,
             )
 
@@ -97,16 +104,20 @@ class HFBackend:
     def _sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
         import torch
 
-        if not scores:
-            return torch.zeros(tokens.shape[0], 0)
-        steps = torch.stack(scores, dim=1).float()  # (batch, new tokens, vocab), -inf = cut
-        chosen = steps.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return chosen - torch.logsumexp(steps, dim=-1)
+        # One step at a time: stacking all steps' scores would double the memory peak.
+        values = torch.zeros(tokens.shape[0], len(scores))
+        for step, step_scores in enumerate(scores):
+            step_scores = step_scores.float()  # -inf where the sampler cut a token
+            chosen = step_scores.gather(-1, tokens[:, step : step + 1]).squeeze(-1)
+            values[:, step] = (chosen - torch.logsumexp(step_scores, dim=-1)).cpu()
+        return values
 
-    def _trim(self, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> Sample:
-        """Cut a generated row after its first end token; padding after it is not part of it."""
+    def _trim(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, stop: list[str]) -> Sample:
+        """Cut a row after its first end token or stop string: what follows is padding."""
         ids = tokens.tolist()
         end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        if stop:
+            end = self._stop_string_end(ids[: len(ids) if end is None else end + 1], stop, end)
         length = len(ids) if end is None else end + 1
         values = [] if logprobs is None else logprobs[:length].tolist()
         return Sample(
@@ -115,6 +126,14 @@ class HFBackend:
             finish_reason="length" if end is None else "stop",
             text=self.tokenizer.decode(ids[:length], skip_special_tokens=True),
         )
+
+    def _stop_string_end(self, ids: list[int], stop: list[str], end: int | None) -> int | None:
+        """Index of the token that completes the first stop string, if one occurs."""
+        for i in range(len(ids)):
+            text = self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+            if any(s in text for s in stop):
+                return i
+        return end
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         load_parameters_in_place(self.model, tensors)

@@ -29,6 +29,7 @@ from swarmrl.protocol.transport import Channel, make_dealer
 log = logging.getLogger("worker")
 
 WEIGHTS_MESSAGE_LIMIT = 64 * 2**30  # a worker must accept full-weight keyframes of big models
+WEIGHTS_TIMEOUT_S = 900.0  # a full keyframe over a slow link arrives as one big message
 
 
 @dataclass
@@ -40,6 +41,7 @@ class WorkerOptions:
     max_prompts_per_lease: int = 8
     slowdown: float = 1.0  # >1 simulates slower hardware: sleep (slowdown-1)x generation time
     max_leases: int | None = None  # stop after this many leases (for tests and benchmarks)
+    exit_with_parent: bool = False  # a local worker of `swarmrl run` never outlives it
 
 
 class TrainerGone(Exception):
@@ -57,14 +59,17 @@ class Worker:
         self.spec: m.RunSpec | None = None
         self.backend: Any = None
         self.version = -1
+        self.trainer_version = -1  # as last heard from the trainer
         self.leases_done = 0
         self.stopping = False
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.parent_pid = os.getppid()
 
     # ---- connection ----------------------------------------------------------------------
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
         backoff = 0.5
         try:
             while not self.stopping and not self._enough():
@@ -83,10 +88,16 @@ class Worker:
         finally:
             self._close("worker stopping")
 
-    def _request_stop(self) -> None:
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        """First SIGINT/SIGTERM: finish the lease in hand, say bye, exit. Second: abort."""
+        if self.stopping:
+            raise KeyboardInterrupt
         self.stopping = True
 
     def _enough(self) -> bool:
+        if self.options.exit_with_parent and os.getppid() != self.parent_pid:
+            log.warning("the process that started this worker is gone; stopping")
+            self.stopping = True
         return self.options.max_leases is not None and self.leases_done >= self.options.max_leases
 
     def _connect(self) -> None:
@@ -95,43 +106,35 @@ class Worker:
         self.channel = Channel(
             make_dealer(self.context, self.options.connect, self.identity, WEIGHTS_MESSAGE_LIMIT)
         )
-        backend_name = self.options.backend
-        self._send(
-            m.Hello(
-                protocol_version=m.PROTOCOL_VERSION,
-                worker_name=self.options.name,
-                backend=backend_name,
-                software_version=__version__,
-                max_prompts_per_lease=self.options.max_prompts_per_lease,
-                weights_version=self.version,
-            )
-        )
-        reply = self._recv(timeout_s=30.0)
-        if isinstance(reply, m.Reject):
-            raise SystemExit(f"trainer refused this worker: {reply.reason}: {reply.detail}")
-        if not isinstance(reply, m.RunSpec):
-            raise TrainerGone(f"expected a run spec, got {type(reply).__name__}")
-        if self.spec is not None and reply.run_id != self.spec.run_id:
+        self._send(m.Hello(
+            protocol_version=m.PROTOCOL_VERSION, worker_name=self.options.name,
+            backend=self.options.backend, software_version=__version__,
+            max_prompts_per_lease=self.options.max_prompts_per_lease,
+            weights_version=self.version,
+        ))  # fmt: skip
+        spec, _ = self._await((m.RunSpec,), timeout_s=30.0)
+        if self.spec is not None and spec.run_id != self.spec.run_id:
             # Another run (or a restarted trainer): version numbers may mean other weights.
             # Keep the engine if the model is the same and let the trainer send a keyframe.
             self.version = -1
-            if (reply.model, reply.dtype) != (self.spec.model, self.spec.dtype):
+            if (spec.model, spec.dtype) != (self.spec.model, self.spec.dtype):
                 self.backend = None
-        self.spec = reply
+        self.spec = spec
+        self.trainer_version = spec.weights_version
         log.info(
             "connected to %s as %s (run %s, trainer at version %d)",
             self.options.connect,
-            reply.worker_id,
-            reply.run_id,
-            reply.weights_version,
+            spec.worker_id,
+            spec.run_id,
+            spec.weights_version,
         )
         if self.backend is None:
-            self.backend = self._load_backend(reply)
+            self.backend = self._in_background(self._load_backend, spec)
             self.version = 0  # the run's base weights are version 0
 
     def _load_backend(self, spec: m.RunSpec) -> Any:
+        from swarmrl.models import pick_device
         from swarmrl.rollout.backend import make_backend
-        from swarmrl.trainer.loop import pick_device
 
         device = pick_device(self.options.device)
         log.info(
@@ -150,20 +153,30 @@ class Worker:
         except TimeoutError as error:
             raise TrainerGone(str(error)) from None
 
-    def _recv(self, timeout_s: float) -> Any:
-        """Next message that is not a heartbeat; raises TrainerGone on silence."""
-        message, _ = self._recv_with_blobs(timeout_s)
-        return message
+    def _heartbeat(self) -> None:
+        self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))
 
-    def _recv_with_blobs(self, timeout_s: float) -> tuple[Any, list]:
+    def _await(
+        self, kinds: tuple[type, ...], timeout_s: float, lease_id: str | None = None
+    ) -> tuple[Any, list]:
+        """The next message of one of `kinds` (and for `lease_id`, if given), with its blobs.
+
+        Heartbeats go out while waiting, so the trainer knows this worker is alive; anything
+        else that arrives (a late answer from before a reconnect) is logged and skipped.
+        Raises TrainerGone on silence or bye, SystemExit if the trainer refuses this worker.
+        """
         assert self.channel is not None
         deadline = time.monotonic() + timeout_s
+        next_beat = time.monotonic() + (self.spec.heartbeat_interval_s if self.spec else 1e9)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.stopping:
+            now = time.monotonic()
+            if now >= deadline or self.stopping:
                 raise TrainerGone(f"no answer from the trainer for {timeout_s:.0f}s")
+            if now >= next_beat and self.spec is not None:
+                self._heartbeat()
+                next_beat = now + self.spec.heartbeat_interval_s
             try:
-                received = self.channel.recv(timeout_s=min(remaining, 0.5))
+                received = self.channel.recv(timeout_s=min(deadline - now, 0.5))
             except ProtocolError as error:
                 log.warning("dropped a malformed message from the trainer: %s", error)
                 continue
@@ -171,17 +184,36 @@ class Worker:
                 continue
             message, blobs = received
             if isinstance(message, m.Heartbeat):
-                continue
-            if isinstance(message, m.Bye):
+                self.trainer_version = message.weights_version
+            elif isinstance(message, m.Bye):
                 raise TrainerGone(f"trainer said bye ({message.reason})")
-            return message, blobs
+            elif isinstance(message, m.Reject) and message.reason == "bad_version":
+                raise SystemExit(f"trainer refused this worker: {message.detail}")
+            elif isinstance(message, m.Reject) and message.reason == "unknown_worker":
+                raise TrainerGone("the trainer does not know this worker (it restarted?)")
+            elif isinstance(message, kinds) and (
+                lease_id is None or getattr(message, "lease_id", lease_id) == lease_id
+            ):
+                return message, blobs
+            else:
+                log.warning("skipped an unexpected %s from the trainer", message.type)
+
+    def _in_background(self, function: Any, *arguments: Any) -> Any:
+        """Run `function` in the engine thread, heartbeating meanwhile; return its result."""
+        assert self.spec is not None
+        future: Future = self.pool.submit(function, *arguments)
+        while True:
+            try:
+                return future.result(timeout=self.spec.heartbeat_interval_s)
+            except TimeoutError:
+                self._heartbeat()
 
     def _close(self, reason: str) -> None:
         if self.channel is not None:
             # The trainer may already be gone; then there is nobody to tell.
             with contextlib.suppress(TrainerGone):
                 self._send(m.Bye(reason=reason), timeout_s=1.0)
-            self.channel.close()
+            self.channel.close(linger_s=2.0)
             self.channel = None
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.context.destroy(linger=0)
@@ -190,24 +222,23 @@ class Worker:
 
     def _serve(self) -> None:
         assert self.spec is not None
-        timeout = self.spec.heartbeat_timeout_s
         while not self.stopping and not self._enough():
             self._send(
                 m.WorkRequest(
                     max_prompts=self.options.max_prompts_per_lease, weights_version=self.version
                 )
             )
-            message, blobs = self._recv_with_blobs(timeout)
+            # Weights may be on the way (a big message that arrives all at once): be patient.
+            behind = self.version != self.trainer_version
+            timeout = WEIGHTS_TIMEOUT_S if behind else self.spec.heartbeat_timeout_s
+            message, blobs = self._await((m.WeightUpdate, m.Lease, m.NoWork), timeout)
             if isinstance(message, m.WeightUpdate):
+                self.trainer_version = max(self.trainer_version, message.version)
                 self._apply_weights(message, blobs)
             elif isinstance(message, m.Lease):
                 self._work_on(message)
-            elif isinstance(message, m.NoWork):
-                time.sleep(message.retry_after_s)
-            elif isinstance(message, m.Reject) and message.reason == "unknown_worker":
-                raise TrainerGone("the trainer does not know this worker (it restarted?)")
             else:
-                log.warning("unexpected reply %s", message)
+                time.sleep(message.retry_after_s)
 
     def _apply_weights(self, update: m.WeightUpdate, blobs: list) -> None:
         started = time.monotonic()
@@ -216,9 +247,17 @@ class Worker:
             return
         try:
             tensors = decode_full(blobs[0], update.fingerprint)
-            self.backend.load_weights(tensors)
-        except (PayloadError, ValueError) as error:
+        except PayloadError as error:
             log.error("weight update %d refused, weights unchanged: %s", update.version, error)
+            return
+        try:
+            self._in_background(self.backend.load_weights, tensors)
+        except ValueError as error:  # checked before any weight was touched
+            log.error("weight update %d refused, weights unchanged: %s", update.version, error)
+            return
+        except Exception:
+            log.exception("weight update %d failed half-way; asking for a keyframe", update.version)
+            self.version = -1
             return
         self.version = update.version
         log.info(
@@ -229,41 +268,30 @@ class Worker:
         )
 
     def _work_on(self, lease: m.Lease) -> None:
-        """Generate in the background while answering heartbeats; then submit."""
+        """Generate in the background while heartbeating; submit; wait for the verdict."""
         assert self.spec is not None
         started = time.monotonic()
-        future: Future = self.pool.submit(
-            self.backend.generate,
-            [p.token_ids for p in lease.prompts],
-            lease.num_generations,
-            self.spec.sampling,
-            [p.seed for p in lease.prompts],
-        )
-        beat = self.spec.heartbeat_interval_s
-        while not future.done():
-            try:
-                future.result(timeout=beat)
-            except TimeoutError:
-                self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))
-        samples = future.result()
+        try:
+            samples = self._in_background(
+                self.backend.generate, [p.token_ids for p in lease.prompts],
+                lease.num_generations, self.spec.sampling, [p.seed for p in lease.prompts],
+            )  # fmt: skip
+            groups = [
+                m.GroupResult(prompt_id=prompt.prompt_id, completions=[
+                    m.Completion(token_ids=s.token_ids, logprobs=s.logprobs, text=s.text,
+                                 finish_reason=s.finish_reason)
+                    for s in group
+                ])
+                for prompt, group in zip(lease.prompts, samples, strict=True)
+            ]  # fmt: skip
+        except Exception:  # the engine failed on this lease: let it expire, keep working
+            log.exception(
+                "generation failed for lease %s; the trainer will re-lease it", lease.lease_id
+            )
+            return
         elapsed = time.monotonic() - started
         if self.options.slowdown > 1:
             self._sleep_with_heartbeats((self.options.slowdown - 1) * elapsed)
-        groups = [
-            m.GroupResult(
-                prompt_id=prompt.prompt_id,
-                completions=[
-                    m.Completion(
-                        token_ids=s.token_ids,
-                        logprobs=s.logprobs,
-                        text=s.text,
-                        finish_reason=s.finish_reason,
-                    )
-                    for s in group
-                ],
-            )
-            for prompt, group in zip(lease.prompts, samples, strict=True)
-        ]
         self._send(
             m.Submission(
                 lease_id=lease.lease_id,
@@ -272,7 +300,9 @@ class Worker:
                 generation_seconds=elapsed,
             )
         )
-        reply = self._recv(timeout_s=self.spec.heartbeat_timeout_s)
+        reply, _ = self._await(
+            (m.Accept, m.Reject), self.spec.heartbeat_timeout_s, lease_id=lease.lease_id
+        )
         self.leases_done += 1
         tokens = sum(len(s.token_ids) for group in samples for s in group)
         if isinstance(reply, m.Accept):
@@ -284,7 +314,7 @@ class Worker:
                 elapsed,
                 tokens / max(elapsed, 1e-6),
             )
-        elif isinstance(reply, m.Reject):
+        else:
             log.warning("lease %s rejected: %s (%s)", lease.lease_id, reply.reason, reply.detail)
 
     def _sleep_with_heartbeats(self, seconds: float) -> None:
@@ -292,7 +322,7 @@ class Worker:
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0 and not self.stopping:
             time.sleep(min(left, self.spec.heartbeat_interval_s))
-            self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))
+            self._heartbeat()
 
 
 def run_worker(options: WorkerOptions, threads: int | None = None) -> None:

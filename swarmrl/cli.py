@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             nargs="?",
             const="latest",
             metavar="RUN_FOLDER",
-            help="continue from the last checkpoint of RUN_FOLDER "
-            "(default: the newest run of this recipe)",
+            help="continue from the last checkpoint of RUN_FOLDER, with its own config unless "
+            "a recipe is given (default: the newest run of the recipe)",
         )
         command.add_argument("--bind", help="trainer endpoint (= --swarm.bind)")
         return command
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--max-leases", type=int, help="exit after this many leases")
     worker.add_argument("--log-dir", type=Path, help="also write <name>.log here")
+    worker.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this worker exits",
+    )
     worker.add_argument("--console-level", default="info", choices=["debug", "info", "warning"])
 
     evaluate = commands.add_parser(
@@ -104,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             overrides += ["--swarm.bind", arguments.bind]
         if getattr(arguments, "workers", None) is not None:
             overrides += ["--swarm.workers", str(arguments.workers)]
-        config = load_config(arguments.recipe, overrides)
+        recipe = arguments.recipe
+        resume = getattr(arguments, "resume", None)
+        if recipe is None and resume not in (None, "latest"):
+            recipe = str(Path(resume) / "config.toml")  # the run's own resolved config
+        config = load_config(recipe, overrides)
     except ConfigError as error:
         print(f"swarmrl: {error}", file=sys.stderr)
         return 2
@@ -179,6 +188,7 @@ def _worker(arguments: argparse.Namespace) -> int:
         max_prompts_per_lease=arguments.max_prompts,
         slowdown=arguments.slowdown,
         max_leases=arguments.max_leases,
+        exit_with_parent=arguments.exit_with_parent,
     )
     run_worker(options, arguments.threads)
     return 0
@@ -186,10 +196,9 @@ def _worker(arguments: argparse.Namespace) -> int:
 
 def _eval(arguments: argparse.Namespace, config: Config) -> int:
     from swarmrl.logs import setup_logging
-    from swarmrl.models import load_model, load_tokenizer
+    from swarmrl.models import load_model, load_tokenizer, pick_device
     from swarmrl.trainer.data import load_tasks
     from swarmrl.trainer.evaluate import evaluate
-    from swarmrl.trainer.loop import pick_device
 
     log = setup_logging("eval", None, config.logging.level)
     device = pick_device(config.model.device)

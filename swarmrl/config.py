@@ -80,6 +80,17 @@ class SamplingConfig(Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     stop: list[str] = []
 
+    @model_validator(mode="after")
+    def _full_support(self) -> SamplingConfig:
+        # The trainer scores sampled tokens under softmax(logits / temperature) over the whole
+        # vocabulary; a truncated sampler would make every importance weight biased.
+        if self.top_p < 1 or self.top_k > 0:
+            raise ValueError(
+                "sampling.top_p < 1 and sampling.top_k > 0 are not supported yet: the trainer's "
+                "log-probs cover the full vocabulary; use top_p = 1 and top_k = 0"
+            )
+        return self
+
 
 class TrainerConfig(Section):
     learning_rate: float = Field(1e-5, gt=0)

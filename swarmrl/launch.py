@@ -21,25 +21,13 @@ log = logging.getLogger("trainer")
 
 
 def worker_command(endpoint: str, name: str, config: Config, folder: Path) -> list[str]:
+    swarm = config.swarm
     return [
-        sys.executable,
-        "-m",
-        "swarmrl.rollout",
-        "--connect",
-        endpoint,
-        "--name",
-        name,
-        "--backend",
-        config.swarm.backend,
-        "--threads",
-        str(config.swarm.worker_threads),
-        "--max-prompts",
-        str(config.swarm.prompts_per_lease),
-        "--log-dir",
-        str(folder),
-        "--console-level",
-        "warning",
-    ]
+        sys.executable, "-m", "swarmrl.rollout", "--connect", endpoint, "--name", name,
+        "--backend", swarm.backend, "--threads", str(swarm.worker_threads),
+        "--max-prompts", str(swarm.prompts_per_lease), "--log-dir", str(folder),
+        "--console-level", "warning", "--exit-with-parent",
+    ]  # fmt: skip
 
 
 def run_local(config: Config, folder: Path, workers: int, resume: bool) -> dict[str, Any]:

@@ -84,6 +84,15 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         raise
 
 
+def pick_device(requested: str) -> str:
+    """`auto` means the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
 def load_tokenizer(reference: str):
     """Tokenizer for a model reference, left-padded for batched generation."""
     from transformers import AutoTokenizer

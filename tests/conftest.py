@@ -45,14 +45,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def swarmrl(*arguments: str, log: Path) -> subprocess.Popen:
-    """Start `python -m swarmrl ...` with output to `log`."""
+def swarmrl(*arguments: str, log: Path, new_session: bool = False) -> subprocess.Popen:
+    """Start `python -m swarmrl ...` with output to `log` (in its own process group if asked)."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-m", "swarmrl", *arguments],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         env=environment,
+        start_new_session=new_session,
     )
 
 

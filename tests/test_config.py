@@ -24,19 +24,23 @@ def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
 # --- the shipped recipe ------------------------------------------------------------------
 
 
-def test_shipped_arithmetic_recipe_loads_with_its_values() -> None:
-    config = load_config("arithmetic")
-    assert Path(config.recipe).name == "arithmetic.toml"
-    assert Path(config.recipe).is_file()
-    # values written in recipes/arithmetic.toml (not the model defaults)
-    assert config.trainer.learning_rate == 2e-5
-    assert config.trainer.max_steps == 40
-    assert config.trainer.max_minutes == 12.0
-    assert config.data.prompt_template == "{question} Answer with just the number."
-    assert config.data.first_operand == (10, 99)
-    assert [reward.function for reward in config.rewards] == ["integer_match"]
+def test_shipped_recipes_load_with_the_values_written_in_them() -> None:
+    import tomllib
+
+    for name in ("arithmetic", "gsm8k"):
+        config = load_config(name)
+        assert Path(config.recipe).name == f"{name}.toml"
+        written = tomllib.loads(Path(config.recipe).read_text())
+        dumped = config.model_dump()
+        for section, values in written.items():
+            if section == "rewards":
+                assert [r.function for r in config.rewards] == [r["function"] for r in values]
+                continue
+            for key, value in values.items():
+                actual = dumped[section][key]
+                assert (list(actual) if isinstance(actual, tuple) else actual) == value, key
     # a key the recipe leaves out keeps its default
-    assert config.swarm.lease_timeout_s == 300.0
+    assert load_config("arithmetic").swarm.lease_timeout_s == 300.0
 
 
 def test_no_recipe_means_the_arithmetic_recipe() -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,67 @@ def test_slow_worker_contributes_fewer_samples(model_path: str, tmp_path: Path) 
     assert contributed.get("fast", 0) > 0
     assert contributed.get("slow", 0) < contributed["fast"] / 2, contributed
     assert [s["step"] for s in metrics(folder, "train")] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_saves_and_stops_everything_then_resume_and_eval(
+    model_path: str, tmp_path: Path
+) -> None:
+    """One Ctrl-C stops trainer and workers cleanly; --resume continues; eval reads the result."""
+    folder = tmp_path / "r"
+    log = tmp_path / "run.log"
+    process = swarmrl(
+        "run",
+        *FAST_RUN,
+        "--trainer.max_steps",
+        "50",
+        "--checkpoint.every_steps",
+        "0",
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        "r",
+        log=log,
+        new_session=True,
+    )
+    try:
+        wait_for_text(folder / "trainer.log", "step 1 ", 300, process)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # no worker outlived the trainer
+        os.killpg(process.pid, 0)
+    saved = sorted(int(p.name[5:]) for p in (folder / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] >= 1
+    last = saved[-1]
+
+    resumed = swarmrl(
+        "run",
+        "--resume",
+        str(folder),
+        "--trainer.max_steps",
+        str(last + 1),
+        log=tmp_path / "resume.log",
+    )
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert f"(step {last})" in (folder / "trainer.log").read_text()
+    assert [s["step"] for s in metrics(folder, "train")][-1] == last + 1
+
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swarmrl",
+            "eval",
+            str(folder / "checkpoints" / f"step_{last + 1}"),
+            "--eval.heldout_size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert re.search(r"held-out greedy accuracy: [01]\.\d{3} on 4 prompts", evaluated.stdout)

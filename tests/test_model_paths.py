@@ -109,3 +109,14 @@ def test_bad_payloads_leave_the_weights_untouched(backend) -> None:
     with pytest.raises(ValueError, match="missing"):
         backend.load_weights(missing)
     assert fingerprint(encode_full(backend.model)) == fingerprint(payload)
+
+
+def test_stop_strings_end_the_completion_where_they_occur(backend) -> None:
+    sampling = SAMPLING.model_copy(update={"stop": [" "], "max_tokens": 16})
+    samples = backend.generate(token_prompts(backend)[:1], 4, sampling, seeds=[3])[0]
+    for sample in samples:
+        assert len(sample.logprobs) == len(sample.token_ids) >= 1
+        before_last = backend.tokenizer.decode(sample.token_ids[:-1], skip_special_tokens=True)
+        assert " " not in before_last  # nothing is kept after the stop string
+        if sample.finish_reason == "stop":
+            assert " " in sample.text or sample.token_ids[-1] in backend.eos_ids

@@ -12,6 +12,7 @@ instruct models or used as is for base models.
 
 from __future__ import annotations
 
+import functools
 import operator
 import random
 from collections.abc import Callable
@@ -116,9 +117,13 @@ class DatasetTasks:
 
     def train(self, index: int) -> Task:
         epoch, position = divmod(index, len(self.rows))
+        return self._task(self.rows[self._order(epoch)[position]])
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (one cache per loaded dataset is the intent)
+    def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))
         random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
-        return self._task(self.rows[order[position]])
+        return order
 
 
 def load_tasks(config: DataConfig, heldout_size: int) -> ArithmeticTasks | DatasetTasks:

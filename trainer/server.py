@@ -145,6 +145,10 @@ class SwarmServer:
 
     # ---- the network thread --------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _serve(self) -> None:
         interval = min(self.config.swarm.heartbeat_interval_s, 0.5)
         while not self._stop.is_set():
@@ -153,28 +157,36 @@ class SwarmServer:
             with self._lock:
                 if received is not None:
                     identity, frames = received
-                    self._handle(identity, frames, now)
-                self._expire(now)
+                    try:
+                        self._handle(identity, frames, now)
+                    except Exception:  # one bad message must not take the swarm down
+                        log.exception("error handling a message from %s", identity.hex()[:8])
+                        self._refuse(identity, None, "internal", "the trainer failed on this")
+                # Only judge silence once every queued message has been read: after a slow
+                # step, waiting heartbeats must count before anyone is declared gone.
+                if not self._socket.poll(0):
+                    self._expire(now)
 
     def _send(self, identity: bytes, message: Any, blobs: tuple = ()) -> None:
         send_to(self._socket, identity, message, blobs)
+
+    def _refuse(self, identity: bytes, lease_id: str | None, reason: str, detail: str) -> None:
+        detail = detail[: m.MAX_REASON_CHARS]
+        self._send(identity, m.Reject(lease_id=lease_id, reason=reason, detail=detail))
 
     def _handle(self, identity: bytes, frames: list, now: float) -> None:
         try:
             message, _ = decode(frames, max_blobs=0)
         except ProtocolError as error:
             log.warning("malformed message from %s: %s", identity.hex()[:8], error)
-            self._send(identity, m.Reject(lease_id=None, reason=error.reason, detail=str(error)))
+            self._refuse(identity, None, error.reason, str(error))
             return
         if isinstance(message, m.Hello):
             self._hello(identity, message, now)
             return
         worker = self.workers.get(identity)
         if worker is None:
-            self._send(
-                identity,
-                m.Reject(lease_id=None, reason="unknown_worker", detail="send hello first"),
-            )
+            self._refuse(identity, None, "unknown_worker", "send hello first")
             return
         worker.last_seen = now
         if isinstance(message, m.WorkRequest):
@@ -187,34 +199,23 @@ class SwarmServer:
         elif isinstance(message, m.Bye):
             self._drop(identity, f"said bye ({message.reason})")
         else:
-            self._send(
-                identity,
-                m.Reject(
-                    lease_id=None,
-                    reason="unexpected",
-                    detail=f"a worker does not send {message.type}",
-                ),
-            )
+            self._refuse(identity, None, "unexpected", f"a worker does not send {message.type}")
 
     def _hello(self, identity: bytes, hello: m.Hello, now: float) -> None:
         if hello.protocol_version != m.PROTOCOL_VERSION:
-            self._send(
-                identity,
-                m.Reject(
-                    lease_id=None,
-                    reason="bad_version",
-                    detail=f"trainer speaks protocol {m.PROTOCOL_VERSION}, "
-                    f"worker {hello.protocol_version}",
-                ),
+            detail = (
+                f"trainer speaks protocol {m.PROTOCOL_VERSION}, worker {hello.protocol_version}"
             )
+            self._refuse(identity, None, "bad_version", detail)
             return
         if identity in self.workers:  # a reconnect: its old leases are void
             self._drop(identity, "reconnected")
         connected = {w.worker_id for w in self.workers.values()}
-        worker_id = hello.worker_name or "worker"
+        name = hello.worker_name[:100] or "worker"  # room for a -N suffix within the id limit
+        worker_id = name
         while worker_id in connected:
             self._names += 1
-            worker_id = f"{hello.worker_name or 'worker'}-{self._names}"
+            worker_id = f"{name}-{self._names}"
         record = self.ledger.setdefault(worker_id, WorkerRecord(worker_id=worker_id))
         record.backend, record.max_prompts = hello.backend, hello.max_prompts_per_lease
         record.last_seen, record.weights_version = now, hello.weights_version
@@ -316,11 +317,14 @@ class SwarmServer:
             return
         try:
             texts = check_submission(sub, lease, self.config, self.version, self.tokenizer)
+            groups = self._score(lease, sub, texts, worker.worker_id)
         except SubmissionError as error:
             self.leases.requeue(lease.prompt_indices)
             self._reject(identity, worker, sub.lease_id, error.reason, error.detail)
             return
-        groups = self._score(lease, sub, texts, worker.worker_id)
+        except Exception:
+            self.leases.requeue(lease.prompt_indices)  # the lease is closed: keep its prompts
+            raise
         useful = 0
         for group in groups:
             self._prompt_cache.pop(group.prompt_index, None)
@@ -378,7 +382,7 @@ class SwarmServer:
         worker.rejected += 1
         worker.reject_reasons[reason] = worker.reject_reasons.get(reason, 0) + 1
         log.warning("%s: lease %s rejected: %s (%s)", worker.worker_id, lease_id, reason, detail)
-        self._send(identity, m.Reject(lease_id=lease_id, reason=reason, detail=detail))
+        self._refuse(identity, lease_id, reason, detail)
 
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)
