@@ -8,8 +8,9 @@ nothing else about the engine.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -43,9 +44,21 @@ class InferenceBackend(Protocol):
         ...
 
 
-def make_backend(name: str, model: str, dtype: str, device: str) -> InferenceBackend:
+BACKENDS = ("auto", "vllm", "hf")
+
+
+def make_backend(
+    name: str, model: str, dtype: str, device: str, engine: Any = None
+) -> InferenceBackend:
+    """`auto` is vLLM when it is installed, else Hugging Face transformers."""
+    if name == "auto":
+        name = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if name == "vllm":
+        from swarmrl.rollout.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_reference(model, dtype=dtype, device=device, options=engine)
     if name == "hf":
         from swarmrl.rollout.hf_backend import HFBackend
 
         return HFBackend.from_reference(model, dtype=dtype, device=device)
-    raise ValueError(f"unknown backend {name!r}; available: hf")
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")

@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from swarmrl import __version__
@@ -25,6 +25,7 @@ from swarmrl.protocol import messages as m
 from swarmrl.protocol.codecs import PayloadError, decode_full
 from swarmrl.protocol.framing import ProtocolError
 from swarmrl.protocol.transport import Channel, make_dealer
+from swarmrl.rollout.vllm_backend import EngineOptions
 
 log = logging.getLogger("worker")
 
@@ -36,8 +37,10 @@ WEIGHTS_TIMEOUT_S = 900.0  # a full keyframe over a slow link arrives as one big
 class WorkerOptions:
     connect: str
     name: str = ""
-    backend: str = "hf"
+    backend: str = "auto"
     device: str = "auto"
+    dtype: str = "auto"  # auto: the trainer's dtype from the run spec
+    engine: EngineOptions = field(default_factory=EngineOptions)
     max_prompts_per_lease: int = 8
     slowdown: float = 1.0  # >1 simulates slower hardware: sleep (slowdown-1)x generation time
     max_leases: int | None = None  # stop after this many leases (for tests and benchmarks)
@@ -137,19 +140,15 @@ class Worker:
         from swarmrl.rollout.backend import make_backend
 
         device = pick_device(self.options.device)
-        log.info(
-            "loading %s (%s) with the %s backend on %s",
-            spec.model,
-            spec.dtype,
-            self.options.backend,
-            device,
-        )
-        return make_backend(self.options.backend, spec.model, spec.dtype, device)
+        dtype = spec.dtype if self.options.dtype == "auto" else self.options.dtype
+        log.info("loading %s (%s) with the %s backend on %s",
+                 spec.model, dtype, self.options.backend, device)  # fmt: skip
+        return make_backend(self.options.backend, spec.model, dtype, device, self.options.engine)
 
     def _send(self, message: Any, timeout_s: float = 30.0) -> None:
         assert self.channel is not None
         try:
-            self.channel.send(message, timeout_s=timeout_s)
+            self.channel.send(message, timeout_s=1.0 if self.stopping else timeout_s)
         except TimeoutError as error:
             raise TrainerGone(str(error)) from None
 
@@ -255,6 +254,9 @@ class Worker:
         except ValueError as error:  # checked before any weight was touched
             log.error("weight update %d refused, weights unchanged: %s", update.version, error)
             return
+        except TrainerGone:
+            self.version = -1  # the load may still be running: only a keyframe is safe now
+            raise
         except Exception:
             log.exception("weight update %d failed half-way; asking for a keyframe", update.version)
             self.version = -1
@@ -284,6 +286,8 @@ class Worker:
                 ])
                 for prompt, group in zip(lease.prompts, samples, strict=True)
             ]  # fmt: skip
+        except TrainerGone:
+            raise
         except Exception:  # the engine failed on this lease: let it expire, keep working
             log.exception(
                 "generation failed for lease %s; the trainer will re-lease it", lease.lease_id

@@ -52,26 +52,42 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command("train", "the trainer alone; workers connect to --bind")
 
     worker = commands.add_parser("worker", help="a rollout worker for a running trainer")
-    worker.add_argument("--connect", required=True, help="trainer endpoint, tcp://HOST:PORT")
-    worker.add_argument("--name", default="", help="how the trainer logs this worker")
-    worker.add_argument("--backend", default="hf", choices=["hf"], help="inference engine")
-    worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    worker.add_argument("--threads", type=int, help="torch CPU threads")
-    worker.add_argument("--max-prompts", type=int, default=8, help="most prompts per lease")
-    worker.add_argument(
+    add = worker.add_argument
+    add("--connect", required=True, help="trainer endpoint, tcp://HOST:PORT")
+    add("--name", default="", help="how the trainer logs this worker")
+    add(
+        "--backend",
+        default="auto",
+        choices=["auto", "vllm", "hf"],
+        help="inference engine (auto: vLLM when installed, else transformers)",
+    )
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    add(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="engine dtype (auto: the trainer's)",
+    )
+    add("--gpus", help="one engine per listed GPU, e.g. 0,1,2,3")
+    add("--gpu-memory-utilization", type=float, default=0.85, help="vLLM: GPU memory share")
+    add("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per engine")
+    add("--max-num-seqs", type=int, default=256, help="vLLM: sequences decoded at once")
+    add("--threads", type=int, help="torch CPU threads")
+    add("--max-prompts", type=int, default=8, help="most prompts per lease")
+    add(
         "--slowdown",
         type=float,
         default=1.0,
         help="simulate slower hardware: take FACTOR times as long",
     )
-    worker.add_argument("--max-leases", type=int, help="exit after this many leases")
-    worker.add_argument("--log-dir", type=Path, help="also write <name>.log here")
-    worker.add_argument(
+    add("--max-leases", type=int, help="exit after this many leases")
+    add("--log-dir", type=Path, help="also write <name>.log here")
+    add(
         "--exit-with-parent",
         action="store_true",
         help="stop when the process that started this worker exits",
     )
-    worker.add_argument("--console-level", default="info", choices=["debug", "info", "warning"])
+    add("--console-level", default="info", choices=["debug", "info", "warning"])
 
     evaluate = commands.add_parser(
         "eval", help="held-out greedy accuracy of a checkpoint", epilog=OVERRIDE_HELP
@@ -172,24 +188,38 @@ def _train(arguments: argparse.Namespace, config: Config) -> int:
 
 
 def _worker(arguments: argparse.Namespace) -> int:
+    import os
+
     from swarmrl.logs import setup_logging
+    from swarmrl.rollout.vllm_backend import EngineOptions
     from swarmrl.rollout.worker import WorkerOptions, run_worker
 
+    gpus = [g for g in (arguments.gpus or "").split(",") if g]
+    if len(gpus) > 1:
+        from swarmrl.launch import run_per_gpu, without_option
+
+        worker_arguments = without_option(sys.argv[1:], "--name")
+        if worker_arguments[:1] != ["worker"]:  # started as python -m swarmrl.rollout
+            worker_arguments = ["worker", *worker_arguments]
+        return run_per_gpu(worker_arguments, gpus, arguments.name or "worker")
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     setup_logging(arguments.name or "worker", arguments.log_dir, "info")
     if arguments.console_level != "info":
         import logging
 
         logging.getLogger().handlers[0].setLevel(arguments.console_level.upper())
     options = WorkerOptions(
-        connect=arguments.connect,
-        name=arguments.name,
-        backend=arguments.backend,
-        device=arguments.device,
-        max_prompts_per_lease=arguments.max_prompts,
-        slowdown=arguments.slowdown,
-        max_leases=arguments.max_leases,
-        exit_with_parent=arguments.exit_with_parent,
-    )
+        connect=arguments.connect, name=arguments.name, backend=arguments.backend,
+        device=arguments.device, dtype=arguments.dtype,
+        engine=EngineOptions(
+            gpu_memory_utilization=arguments.gpu_memory_utilization,
+            tensor_parallel_size=arguments.tensor_parallel_size,
+            max_num_seqs=arguments.max_num_seqs,
+        ),
+        max_prompts_per_lease=arguments.max_prompts, slowdown=arguments.slowdown,
+        max_leases=arguments.max_leases, exit_with_parent=arguments.exit_with_parent,
+    )  # fmt: skip
     run_worker(options, arguments.threads)
     return 0
 

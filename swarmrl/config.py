@@ -48,7 +48,9 @@ class DataConfig(Section):
     # A Hugging Face dataset (source = "huggingface"), loaded with `datasets.load_dataset`.
     path: str | None = None
     subset: str | None = None
-    data_files: dict[str, str] | None = Field(None, description="split -> local file, offline")
+    data_files: dict[str, str] | None = Field(
+        None, description="split -> local file (relative to the recipe), for offline data"
+    )
     train_split: str = "train"
     heldout_split: str = "test"
     question_field: str = "question"
@@ -126,7 +128,9 @@ class SwarmConfig(Section):
     bind: str = Field("tcp://127.0.0.1:0", description="trainer endpoint; port 0 picks a free one")
     workers: int = Field(2, ge=0, description="local workers started by `swarmrl run`")
     worker_threads: int = Field(1, ge=1, description="torch CPU threads per local worker")
-    backend: Literal["hf"] = "hf"
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="local workers' engine; auto: vLLM when installed, else transformers"
+    )
     prompts_per_lease: int = Field(2, ge=1, le=256)
     lease_timeout_s: float = Field(300.0, gt=0, description="a lease with no heartbeat expires")
     heartbeat_interval_s: float = Field(2.0, gt=0)
@@ -201,6 +205,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     _check_keys(data, Config, str(path))
+    files = data.get("data", {}).get("data_files")
+    if isinstance(files, dict):  # relative to the recipe, so shipped recipes carry their data
+        data["data"]["data_files"] = {
+            split: str(path.parent / name) if isinstance(name, str) else name
+            for split, name in files.items()
+        }
     pairs = parse_overrides(overrides or [])
     for key, raw in pairs:
         _assign(data, key, _typed_value(key, raw))

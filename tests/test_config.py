@@ -278,7 +278,9 @@ weight = 2.0
     tomllib.loads(text)  # valid TOML
     again = load_config(str(write(tmp_path, text, "resolved.toml")))
     assert again.model_dump(exclude={"recipe"}) == config.model_dump(exclude={"recipe"})
-    assert again.data.data_files == {"train": "a/train.jsonl", "test": "b/test.jsonl"}
+    # relative data files resolve against the recipe's folder, and stay put in the resolved copy
+    expected = {"train": str(tmp_path / "a/train.jsonl"), "test": str(tmp_path / "b/test.jsonl")}
+    assert config.data.data_files == again.data.data_files == expected
     assert [(r.function, r.weight) for r in again.rewards] == [
         ("integer_match", 0.5),
         ("my.module:score", 2.0),

@@ -4,4 +4,6 @@ import sys
 
 from swarmrl.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+# Guarded: engines that spawn processes (vLLM) re-import this module in each child.
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -46,8 +46,7 @@ def train(
 ) -> dict[str, Any]:
     """Run training; `on_ready(endpoint)` is called once workers can connect. Returns a summary."""
     trainer = config.trainer
-    if trainer.threads:
-        torch.set_num_threads(trainer.threads)
+    all_threads = torch.get_num_threads()  # for evaluation, when no worker is generating
     torch.manual_seed(trainer.seed)
     run_folder.mkdir(parents=True, exist_ok=True)
     (run_folder / "config.toml").write_text(to_toml(config))
@@ -88,6 +87,8 @@ def train(
         history["before"] = run_eval(model, tokenizer, tasks, config, metrics, step)
 
     # ---- the swarm comes up ----------------------------------------------------------------
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
     # The run id is new for every trainer process: workers from before a restart must not
     # trust their version numbers, so they are sent a keyframe.
     run_id = uuid.uuid4().hex[:12]
@@ -146,6 +147,7 @@ def train(
         log.warning("stopped by Ctrl-C at step %d", step)
     final = save(checkpoints, step, model, tokenizer, optimizer, server, history, config)
     if config.eval.after and not stop:
+        torch.set_num_threads(all_threads)  # the workers have nothing to do any more
         history["after"] = run_eval(model, tokenizer, tasks, config, metrics, step)
     metrics.close()
     return {
