@@ -93,6 +93,8 @@ def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
     )
     victim = swarmrl(
         "worker",
+        "--backend",
+        "hf",
         "--connect",
         endpoint,
         "--name",
@@ -114,6 +116,8 @@ def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
         wait_for_text(trainer_log, "victim left: silent", 60, trainer)
         helper = swarmrl(
             "worker",
+            "--backend",
+            "hf",
             "--connect",
             endpoint,
             "--name",
@@ -160,6 +164,8 @@ def test_slow_worker_contributes_fewer_samples(model_path: str, tmp_path: Path) 
     workers = [
         swarmrl(
             "worker",
+            "--backend",
+            "hf",
             "--connect",
             endpoint,
             "--name",
