@@ -57,6 +57,27 @@ def swarmrl(*arguments: str, log: Path, new_session: bool = False) -> subprocess
     )
 
 
+def start_trainer(
+    tmp_path: Path, name: str, steps: int, *extra: str
+) -> tuple[subprocess.Popen, str]:
+    """`swarmrl train` with FAST_RUN on a free loopback port; logs in tmp_path/name/."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    trainer = swarmrl(
+        "train", *FAST_RUN, "--bind", endpoint, "--trainer.max_steps", str(steps), *extra,
+        "--logging.run_dir", str(tmp_path), "--logging.run_name", name,
+        log=tmp_path / f"{name}-console.log",
+    )  # fmt: skip
+    return trainer, endpoint
+
+
+def start_worker(tmp_path: Path, endpoint: str, name: str, *extra: str) -> subprocess.Popen:
+    """`swarmrl worker` (transformers backend unless `extra` says otherwise), log in tmp_path."""
+    return swarmrl(
+        "worker", "--backend", "hf", "--connect", endpoint, "--name", name, "--threads", "1",
+        *extra, log=tmp_path / f"{name}.log",
+    )  # fmt: skip
+
+
 def wait_for_text(
     path: Path, text: str, timeout_s: float, process: subprocess.Popen | None = None
 ) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_RUN, free_port, swarmrl, wait_for_text
+from tests.conftest import FAST_RUN, start_trainer, start_worker, swarmrl, wait_for_text
 
 pytestmark = pytest.mark.e2e
 
@@ -74,37 +74,9 @@ def test_run_trains_through_a_real_swarm(model_path: str, tmp_path: Path) -> Non
 
 def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
     """kill -9 a worker mid-lease: its prompts are leased again and trained on."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
     folder = tmp_path / "kill"
-    trainer = swarmrl(
-        "train",
-        *FAST_RUN,
-        "--bind",
-        endpoint,
-        "--trainer.max_steps",
-        "2",
-        "--logging.level",
-        "debug",
-        "--logging.run_dir",
-        str(tmp_path),
-        "--logging.run_name",
-        "kill",
-        log=tmp_path / "t.log",
-    )
-    victim = swarmrl(
-        "worker",
-        "--backend",
-        "hf",
-        "--connect",
-        endpoint,
-        "--name",
-        "victim",
-        "--threads",
-        "1",
-        "--slowdown",
-        "50",
-        log=tmp_path / "victim.log",
-    )
+    trainer, endpoint = start_trainer(tmp_path, "kill", 2, "--logging.level", "debug")
+    victim = start_worker(tmp_path, endpoint, "victim", "--slowdown", "50")
     try:
         trainer_log = folder / "trainer.log"
         wait_for_text(trainer_log, "victim joined", 120, trainer)
@@ -114,20 +86,11 @@ def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         wait_for_text(trainer_log, "victim left: silent", 60, trainer)
-        helper = swarmrl(
-            "worker",
-            "--backend",
-            "hf",
-            "--connect",
-            endpoint,
-            "--name",
-            "helper",
-            "--threads",
-            "1",
-            log=tmp_path / "helper.log",
-        )
+        helper = start_worker(tmp_path, endpoint, "helper")
         try:
-            assert trainer.wait(timeout=600) == 0, (tmp_path / "t.log").read_text()[-3000:]
+            assert trainer.wait(timeout=600) == 0, (tmp_path / "kill-console.log").read_text()[
+                -3000:
+            ]
         finally:
             helper.send_signal(signal.SIGTERM)
             helper.wait(timeout=30)
@@ -144,42 +107,14 @@ def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
 
 def test_slow_worker_contributes_fewer_samples(model_path: str, tmp_path: Path) -> None:
     """A worker 4x slower is not waited for: it simply contributes fewer samples."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
     folder = tmp_path / "mixed"
-    trainer = swarmrl(
-        "train",
-        *FAST_RUN,
-        "--bind",
-        endpoint,
-        "--trainer.max_steps",
-        "4",
-        "--logging.level",
-        "debug",
-        "--logging.run_dir",
-        str(tmp_path),
-        "--logging.run_name",
-        "mixed",
-        log=tmp_path / "t.log",
-    )
+    trainer, endpoint = start_trainer(tmp_path, "mixed", 4, "--logging.level", "debug")
     workers = [
-        swarmrl(
-            "worker",
-            "--backend",
-            "hf",
-            "--connect",
-            endpoint,
-            "--name",
-            name,
-            "--threads",
-            "1",
-            "--slowdown",
-            slowdown,
-            log=tmp_path / f"{name}.log",
-        )
+        start_worker(tmp_path, endpoint, name, "--slowdown", slowdown)
         for name, slowdown in (("fast", "1"), ("slow", "4"))
     ]
     try:
-        assert trainer.wait(timeout=600) == 0, (tmp_path / "t.log").read_text()[-3000:]
+        assert trainer.wait(timeout=600) == 0, (tmp_path / "mixed-console.log").read_text()[-3000:]
     finally:
         for process in workers:
             process.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ import pytest
 
 from swarmrl.protocol.codecs import decode_full, encode_full, fingerprint
 from swarmrl.protocol.messages import SamplingParams
-from tests.conftest import FAST_RUN, free_port, swarmrl
+from tests.conftest import start_trainer, start_worker
 
 pytestmark = [
     pytest.mark.e2e,
@@ -106,36 +106,20 @@ def test_vllm_weights_update_in_place_and_come_back(engines) -> None:
 
 def test_a_vllm_worker_trains_with_the_swarm(model_path: str, tmp_path: Path) -> None:
     """Trainer + 1 vLLM worker, 3 steps: the worker applies updates in between, in place."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    trainer = swarmrl(
-        "train",
-        *FAST_RUN,
-        "--bind",
+    trainer, endpoint = start_trainer(tmp_path, "v", 3)
+    worker = start_worker(
+        tmp_path,
         endpoint,
-        "--trainer.max_steps",
-        "3",
-        "--logging.run_dir",
-        str(tmp_path),
-        "--logging.run_name",
-        "v",
-        log=tmp_path / "t.log",
-    )
-    worker = swarmrl(
-        "worker",
-        "--connect",
-        endpoint,
-        "--name",
         "engine",
         "--backend",
         "vllm",
         "--device",
         "cpu",
         "--log-dir",
-        str(tmp_path),
-        log=tmp_path / "w.log",
+        str(tmp_path / "logs"),
     )
     try:
-        assert trainer.wait(timeout=600) == 0, (tmp_path / "t.log").read_text()[-3000:]
+        assert trainer.wait(timeout=600) == 0, (tmp_path / "v-console.log").read_text()[-3000:]
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
@@ -143,7 +127,7 @@ def test_a_vllm_worker_trains_with_the_swarm(model_path: str, tmp_path: Path) ->
             trainer.kill()
     steps = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").open()]
     assert [s["step"] for s in steps if s["kind"] == "train"] == [1, 2, 3]
-    worker_log = (tmp_path / "engine.log").read_text()
+    worker_log = (tmp_path / "logs" / "engine.log").read_text()
     assert "starting vLLM" in worker_log
     assert re.search(r"weights now at version [12] ", worker_log), worker_log[-2000:]
     assert "accepted" in worker_log
