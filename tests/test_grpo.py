@@ -11,7 +11,6 @@ from swarmrl.trainer.grpo import (
     aggregate_loss,
     entropy_from_logits,
     group_advantages,
-    nonzero_variance_groups,
     per_token_loss,
     sequence_logprobs_from_logits,
 )
@@ -53,12 +52,6 @@ def test_group_advantages_no_scaling() -> None:
 def test_group_advantages_rejects_ragged_batch() -> None:
     with pytest.raises(ValueError):
         group_advantages(torch.zeros(7), 4, "group")
-
-
-def test_nonzero_variance_groups() -> None:
-    # [1,0,0,1] varies, [1,1,1,1] does not, [0.5,0.5,0.5,0.25] varies in its last entry
-    rewards = torch.cat([REWARDS, torch.tensor([0.5, 0.5, 0.5, 0.25])])
-    assert nonzero_variance_groups(rewards, 4).tolist() == [True, False, True]
 
 
 # --- per-token loss ----------------------------------------------------------------------

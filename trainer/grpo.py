@@ -64,12 +64,6 @@ def group_advantages(
     return advantages / (std + STD_EPS)
 
 
-def nonzero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Bool mask (num_groups,): True where the group's rewards are not all equal."""
-    grouped = rewards.view(-1, group_size)
-    return (grouped != grouped[:, :1]).any(dim=1)
-
-
 @dataclass(frozen=True)
 class LossConfig:
     loss_type: LossType = "dapo"
