@@ -35,7 +35,7 @@ LEASE_LINE = re.compile(
 def standalone(backend_name: str, rounds: int, prompts_per_lease: int) -> dict:
     from swarmrl.config import load_config
     from swarmrl.models import load_model
-    from swarmrl.protocol.codecs import decode_full, encode_full, fingerprint
+    from swarmrl.protocol.codecs import decode_full, encode_full, weights_fingerprint
     from swarmrl.protocol.messages import SamplingParams
     from swarmrl.rollout.backend import make_backend
     from swarmrl.trainer.data import load_tasks, prompt_text, prompt_token_ids
@@ -66,9 +66,10 @@ def standalone(backend_name: str, rounds: int, prompts_per_lease: int) -> dict:
         groups = backend.generate(batch, n, sampling, list(range(start, start + len(batch))))
         tokens += sum(len(s.token_ids) for group in groups for s in group)
     seconds = time.monotonic() - started
-    payload = encode_full(load_model(MODEL))
+    weights = dict(load_model(MODEL).named_parameters())
+    payload, expected = encode_full(weights), weights_fingerprint(weights)
     update_started = time.monotonic()
-    backend.load_weights(decode_full(payload, fingerprint(payload)))
+    backend.load_weights(decode_full(payload, expected))
     update_seconds = time.monotonic() - update_started
     return {
         "tokens": tokens,

@@ -1,15 +1,17 @@
 """Weight payloads: how a set of model weights becomes bytes on the wire and back.
 
 Codec `full` is a keyframe: every trainable parameter (tied weights once) as safetensors
-bytes, in the trainer's dtype, so a worker that loads it holds exactly the trainer's weights.
-The fingerprint is the SHA-256 of the payload; a worker checks it before touching its model.
-(Compressed update codecs build on this module.)
+bytes, so a worker that loads it holds exactly the weights the trainer published. Every
+update, keyframe or delta (protocol/demo.py, protocol/sparse.py), names the weights it leads
+to by `weights_fingerprint`: SHA-256 over names, dtypes, shapes and raw bytes in sorted-name
+order, the same value whichever codec carried them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -19,32 +21,39 @@ class PayloadError(ValueError):
     """A weight payload that cannot be applied; the worker's weights are left as they were."""
 
 
-def fingerprint(payload: bytes | memoryview) -> str:
-    return hashlib.sha256(payload).hexdigest()
+def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensors[name].shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
-def encode_full(model: Any) -> bytes:
-    """All trainable parameters of `model` as safetensors bytes (contiguous CPU copies)."""
+def encode_full(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """`tensors` (e.g. a model's named parameters) as safetensors bytes."""
     from safetensors.torch import save
 
-    tensors = {
-        name: parameter.detach().to("cpu").contiguous()
-        for name, parameter in model.named_parameters()
-    }
-    return save(tensors)
+    return save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
 
 
 def decode_full(payload: bytes | memoryview, expected_fingerprint: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    actual = fingerprint(payload)
-    if actual != expected_fingerprint:
-        raise PayloadError(
-            f"weight payload fingerprint mismatch: got {actual[:12]}, "
-            f"announced {expected_fingerprint[:12]} (truncated or corrupted)"
-        )
     try:
-        return load(bytes(payload))
+        tensors = load(bytes(payload))
     except (SafetensorError, ValueError) as error:
         raise PayloadError(f"weight payload is not valid safetensors: {error}") from None
+    check_fingerprint(tensors, expected_fingerprint)
+    return tensors
+
+
+def check_fingerprint(tensors: Mapping[str, torch.Tensor], expected: str) -> None:
+    actual = weights_fingerprint(tensors)
+    if actual != expected:
+        raise PayloadError(
+            f"weights fingerprint mismatch: got {actual[:12]}, announced {expected[:12]}"
+        )

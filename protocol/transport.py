@@ -2,13 +2,17 @@
 
 The trainer binds one ROUTER and serves it from a single network thread with recv_from /
 send_to; it decodes frames itself so that it can answer a bad message with a Reject. A worker
-connects one DEALER and talks through a Channel. Nothing here starts threads.
+connects one DEALER and talks through a Channel. Nothing here starts threads, except the ZAP
+handler of a closed swarm's ROUTER.
 
 Liveness has two layers: ZMTP heartbeats (below) let libzmq drop dead TCP connections and
 the DEALER reconnect on its own; the protocol's Heartbeat messages tell the trainer a worker
 is alive and working. ZMTP heartbeats only count complete messages as traffic, so
 HEARTBEAT_TIMEOUT_MS must exceed the time to transfer the largest message (a keyframe on
 a slow link), or the connection is dropped mid-transfer.
+
+A closed swarm (auth.py) adds CURVE: the ROUTER is a CurveZMQ server whose ZAP handler lets
+in only allowlisted worker keys, and each DEALER pins the trainer's public key.
 """
 
 from collections.abc import Sequence
@@ -16,6 +20,14 @@ from collections.abc import Sequence
 import zmq
 from pydantic import BaseModel
 
+from swarmrl.protocol.auth import (
+    ZAP_DOMAIN,
+    AuthenticatedRouter,
+    CurveClient,
+    CurveServer,
+    load_curve_server,
+    start_authenticator,
+)
 from swarmrl.protocol.framing import decode, encode
 from swarmrl.protocol.messages import Message
 
@@ -26,9 +38,23 @@ RECONNECT_IVL_MS = 200
 RECONNECT_IVL_MAX_MS = 5_000
 
 
-def make_router(context: zmq.Context, endpoint: str, max_message_bytes: int) -> zmq.Socket:
-    """The trainer's socket, bound to `endpoint` ("tcp://host:0" picks a free port)."""
-    socket = context.socket(zmq.ROUTER)
+def make_router(
+    context: zmq.Context,
+    endpoint: str,
+    max_message_bytes: int,
+    allow_keys: str | None = None,
+    trainer_key: str | None = None,
+) -> zmq.Socket:
+    """The trainer's socket, bound to `endpoint` ("tcp://host:0" picks a free port).
+
+    `allow_keys` (a file of worker public keys) closes the swarm: CURVE with the key pair in
+    the secret key file `trainer_key`, and only listed workers get through. Raises
+    auth.KeyFileError for a missing or malformed key file.
+    """
+    if allow_keys is None:
+        socket = context.socket(zmq.ROUTER)
+    else:
+        socket = _curve_router(context, load_curve_server(allow_keys, trainer_key))
     # A worker that reconnects with the same identity takes over its old, dead connection.
     socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
     # Inbound cap per frame: a bigger frame drops that connection before it is buffered.
@@ -39,13 +65,17 @@ def make_router(context: zmq.Context, endpoint: str, max_message_bytes: int) -> 
 
 
 def make_dealer(
-    context: zmq.Context, endpoint: str, identity: bytes, max_message_bytes: int
+    context: zmq.Context,
+    endpoint: str,
+    identity: bytes,
+    max_message_bytes: int,
+    curve: CurveClient | None = None,
 ) -> zmq.Socket:
     """A worker's socket, connected to the trainer; reconnects on its own.
 
     identity: 1..255 bytes, not starting with a zero byte (libzmq reserves those). Use an
     unguessable one (os.urandom): the trainer's ROUTER hands an identity over to whoever
-    connects with it last.
+    connects with it last. `curve`: the worker's keys for a closed swarm.
     """
     if not 1 <= len(identity) <= 255 or identity[0] == 0:
         raise ValueError("identity must be 1..255 bytes and must not start with a zero byte")
@@ -60,8 +90,32 @@ def make_dealer(
     # Queue outbound messages only on a live connection: while disconnected, send waits
     # (Channel.send times out) instead of piling up stale requests.
     socket.setsockopt(zmq.IMMEDIATE, 1)
+    if curve is not None:
+        # CurveZMQ client: the handshake fails unless the peer holds the secret key of
+        # trainer_public, and the trainer's ZAP handler accepts this worker's public key.
+        # A refused handshake delivers nothing: sends time out (IMMEDIATE, above).
+        socket.setsockopt(zmq.CURVE_SERVERKEY, curve.trainer_public)
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
+        socket.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
     _set_common(socket)
     socket.connect(endpoint)
+    return socket
+
+
+def _curve_router(context: zmq.Context, server: CurveServer) -> zmq.Socket:
+    socket = context.socket(zmq.ROUTER, socket_class=AuthenticatedRouter)
+    # libzmq lets every CURVE key in while no ZAP handler listens, so the handler starts
+    # before the bind and stops only when this socket closes.
+    socket.authenticator = start_authenticator(context, server)
+    # CurveZMQ server: every connection is encrypted and authenticated; plain (NULL) peers
+    # fail the handshake and never reach recv.
+    socket.setsockopt(zmq.CURVE_SERVER, 1)
+    # The trainer's long-term key pair; workers pin its public key (--trainer-key).
+    socket.setsockopt(zmq.CURVE_SECRETKEY, server.keys.secret)
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, server.keys.public)
+    # Ask the ZAP handler about each client key in this domain; a refusal (status 400)
+    # closes the connection before any message is delivered.
+    socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
     return socket
 
 

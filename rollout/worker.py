@@ -15,16 +15,18 @@ import logging
 import os
 import signal
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from swarmrl import __version__
+from swarmrl.models import pick_device, resolve_model
 from swarmrl.protocol import messages as m
-from swarmrl.protocol.codecs import PayloadError, decode_full
+from swarmrl.protocol.auth import CurveClient
+from swarmrl.protocol.codecs import PayloadError
 from swarmrl.protocol.framing import ProtocolError
 from swarmrl.protocol.transport import Channel, make_dealer
+from swarmrl.rollout.replica import Replica
 from swarmrl.rollout.vllm_backend import EngineOptions
 
 log = logging.getLogger("worker")
@@ -45,6 +47,7 @@ class WorkerOptions:
     slowdown: float = 1.0  # >1 simulates slower hardware: sleep (slowdown-1)x generation time
     max_leases: int | None = None  # stop after this many leases (for tests and benchmarks)
     exit_with_parent: bool = False  # a local worker of `swarmrl run` never outlives it
+    curve: CurveClient | None = None  # a closed swarm: this worker's keys, the trainer's key
 
 
 class TrainerGone(Exception):
@@ -56,11 +59,12 @@ class Worker:
         import zmq
 
         self.options = options
-        self.identity = uuid.uuid4().bytes
+        self.identity = b"w" + os.urandom(15)  # ZeroMQ reserves identities that start with 0
         self.context = zmq.Context()
         self.channel: Channel | None = None
         self.spec: m.RunSpec | None = None
         self.backend: Any = None
+        self.replica: Replica | None = None
         self.version = -1
         self.trainer_version = -1  # as last heard from the trainer
         self.leases_done = 0
@@ -107,15 +111,28 @@ class Worker:
         if self.channel is not None:
             self.channel.close()
         self.channel = Channel(
-            make_dealer(self.context, self.options.connect, self.identity, WEIGHTS_MESSAGE_LIMIT)
-        )
-        self._send(m.Hello(
-            protocol_version=m.PROTOCOL_VERSION, worker_name=self.options.name,
-            backend=self.options.backend, software_version=__version__,
-            max_prompts_per_lease=self.options.max_prompts_per_lease,
-            weights_version=self.version,
-        ))  # fmt: skip
-        spec, _ = self._await((m.RunSpec,), timeout_s=30.0)
+            make_dealer(
+                self.context, self.options.connect, self.identity, WEIGHTS_MESSAGE_LIMIT,
+                curve=self.options.curve,
+            )
+        )  # fmt: skip
+        try:
+            self._send(m.Hello(
+                protocol_version=m.PROTOCOL_VERSION, worker_name=self.options.name,
+                backend=self.options.backend, software_version=__version__,
+                max_prompts_per_lease=self.options.max_prompts_per_lease,
+                weights_version=self.version,
+            ))  # fmt: skip
+            spec, _ = self._await((m.RunSpec,), timeout_s=30.0)
+        except TrainerGone as gone:  # a refused CURVE handshake looks just like silence
+            curve = self.options.curve
+            hint = (
+                "if the swarm is closed, this worker needs --key and --trainer-key"
+                if curve is None
+                else f"CURVE is on: the trainer may not accept this worker's key "
+                f"{curve.keys.public.decode()}, or --trainer-key is not the trainer's key"
+            )
+            raise TrainerGone(f"{gone} ({hint})") from None
         if self.spec is not None and spec.run_id != self.spec.run_id:
             # Another run (or a restarted trainer): version numbers may mean other weights.
             # Keep the engine if the model is the same and let the trainer send a keyframe.
@@ -133,10 +150,10 @@ class Worker:
         )
         if self.backend is None:
             self.backend = self._in_background(self._load_backend, spec)
+            self.replica = Replica(resolve_model(spec.model), spec.dtype)
             self.version = 0  # the run's base weights are version 0
 
     def _load_backend(self, spec: m.RunSpec) -> Any:
-        from swarmrl.models import pick_device
         from swarmrl.rollout.backend import make_backend
 
         device = pick_device(self.options.device)
@@ -240,19 +257,18 @@ class Worker:
                 time.sleep(message.retry_after_s)
 
     def _apply_weights(self, update: m.WeightUpdate, blobs: list) -> None:
+        """Keyframe or delta -> the replica -> the engine. A failure leaves the engine as it was
+        and, for deltas, asks for a keyframe (version -1): the chain cannot go on from here."""
         started = time.monotonic()
-        if update.codec != "full" or len(blobs) != 1:
-            log.error("cannot apply a %r update with %d payload frames", update.codec, len(blobs))
+        if len(blobs) != 1:
+            log.error("weight update %d came with %d payload frames", update.version, len(blobs))
             return
         try:
-            tensors = decode_full(blobs[0], update.fingerprint)
-        except PayloadError as error:
-            log.error("weight update %d refused, weights unchanged: %s", update.version, error)
-            return
-        try:
-            self._in_background(self.backend.load_weights, tensors)
-        except ValueError as error:  # checked before any weight was touched
-            log.error("weight update %d refused, weights unchanged: %s", update.version, error)
+            self._in_background(self._replay, update, blobs[0])
+        except (PayloadError, ValueError) as error:  # checked before the engine was touched
+            log.error("weight update %d (%s) refused: %s", update.version, update.codec, error)
+            if update.codec != "full":
+                self.version = -1
             return
         except TrainerGone:
             self.version = -1  # the load may still be running: only a keyframe is safe now
@@ -263,11 +279,16 @@ class Worker:
             return
         self.version = update.version
         log.info(
-            "weights now at version %d (%.1f MB, %.2fs)",
+            "weights now at version %d (%s, %.3f MB, %.2fs)",
             update.version,
+            update.codec,
             update.num_bytes / 1e6,
             time.monotonic() - started,
         )
+
+    def _replay(self, update: m.WeightUpdate, payload: bytes) -> None:
+        assert self.replica is not None
+        self.backend.load_weights(self.replica.apply(update, payload, self.version))
 
     def _work_on(self, lease: m.Lease) -> None:
         """Generate in the background while heartbeating; submit; wait for the verdict."""

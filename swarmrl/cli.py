@@ -1,9 +1,10 @@
-"""The `swarmrl` command: run, train, worker, eval.
+"""The `swarmrl` command: run, train, worker, eval, keys.
 
     swarmrl run [RECIPE] [--workers N]          trainer + N local workers on this machine
     swarmrl train [RECIPE] --bind tcp://0.0.0.0:5555   the trainer alone; workers join later
     swarmrl worker --connect tcp://HOST:PORT    lend this machine to a running swarm
     swarmrl eval CHECKPOINT [--recipe RECIPE]   held-out greedy accuracy of a checkpoint
+    swarmrl keys new NAME [--dir DIR]           a CURVE key pair for a closed swarm
 
 Any config key can be overridden after the recipe: `--trainer.learning_rate 2e-5`. Only argparse
 and pydantic are imported up front, so `--help` answers at once.
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
             "a recipe is given (default: the newest run of the recipe)",
         )
         command.add_argument("--bind", help="trainer endpoint (= --swarm.bind)")
+        command.add_argument(
+            "--allow-keys",
+            metavar="FILE",
+            help="close the swarm: only workers whose public key is listed in FILE may join "
+            "(= --swarm.allow_keys)",
+        )
         return command
 
     run = recipe_command("run", "trainer plus local rollout workers on this machine")
@@ -55,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     add = worker.add_argument
     add("--connect", required=True, help="trainer endpoint, tcp://HOST:PORT")
     add("--name", default="", help="how the trainer logs this worker")
+    add("--key", metavar="SECRET_FILE", help="closed swarm: this worker's secret key file")
+    add(
+        "--trainer-key",
+        metavar="KEY_OR_FILE",
+        help="closed swarm: the trainer's public key, or a file holding it",
+    )
     add(
         "--backend",
         default="auto",
@@ -94,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("checkpoint", help="checkpoint folder (or a model reference)")
     evaluate.add_argument("--recipe", help="recipe whose data and rewards to use")
+
+    keys = commands.add_parser("keys", help="CURVE key pairs for closed swarms")
+    new_key = keys.add_subparsers(dest="keys_command", required=True).add_parser(
+        "new", help="write NAME.key (public) and NAME.key_secret (secret, mode 600)"
+    )
+    new_key.add_argument("name", help="file stem, e.g. the worker's host name")
+    new_key.add_argument("--dir", type=Path, default=Path("."), help="where to write them")
     return parser
 
 
@@ -117,12 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     arguments = parser.parse_args(rest)
     try:
+        if arguments.command == "keys":
+            if overrides:
+                parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+            return _new_key(arguments.name, arguments.dir)
         if arguments.command == "worker":
             if overrides:
                 parser.error(f"a worker takes no config overrides: {' '.join(overrides)}")
+            if (arguments.key is None) != (arguments.trainer_key is None):
+                parser.error("a closed swarm needs both --key and --trainer-key")
             return _worker(arguments)
         if getattr(arguments, "bind", None):
             overrides += ["--swarm.bind", arguments.bind]
+        if getattr(arguments, "allow_keys", None):
+            overrides += ["--swarm.allow_keys", arguments.allow_keys]
         if getattr(arguments, "workers", None) is not None:
             overrides += ["--swarm.workers", str(arguments.workers)]
         recipe = arguments.recipe
@@ -161,6 +189,7 @@ def run_folder(config: Config, resume: str | None) -> Path:
 def _train(arguments: argparse.Namespace, config: Config) -> int:
     from swarmrl.launch import run_local
     from swarmrl.logs import setup_logging
+    from swarmrl.protocol.auth import KeyFileError
 
     try:
         folder = run_folder(config, arguments.resume)
@@ -169,7 +198,11 @@ def _train(arguments: argparse.Namespace, config: Config) -> int:
         return 2
     setup_logging("trainer", folder, config.logging.level)
     workers = config.swarm.workers if arguments.command == "run" else 0
-    summary = run_local(config, folder, workers, resume=arguments.resume is not None)
+    try:
+        summary = run_local(config, folder, workers, resume=arguments.resume is not None)
+    except KeyFileError as error:
+        print(f"swarmrl: {error}", file=sys.stderr)
+        return 2
     before, after = summary.get("before"), summary.get("after")
     print(f"\nswarmrl: {summary['steps']} steps", file=sys.stderr)
     if before is not None and after is not None:
@@ -191,9 +224,16 @@ def _worker(arguments: argparse.Namespace) -> int:
     import os
 
     from swarmrl.logs import setup_logging
+    from swarmrl.protocol.auth import KeyFileError, load_curve_client
     from swarmrl.rollout.vllm_backend import EngineOptions
     from swarmrl.rollout.worker import WorkerOptions, run_worker
 
+    try:
+        key, trainer_key = arguments.key, arguments.trainer_key
+        curve = load_curve_client(key, trainer_key) if key and trainer_key else None
+    except KeyFileError as error:
+        print(f"swarmrl: {error}", file=sys.stderr)
+        return 2
     gpus = [g for g in (arguments.gpus or "").split(",") if g]
     if len(gpus) > 1:
         from swarmrl.launch import run_per_gpu, without_option
@@ -219,6 +259,7 @@ def _worker(arguments: argparse.Namespace) -> int:
         ),
         max_prompts_per_lease=arguments.max_prompts, slowdown=arguments.slowdown,
         max_leases=arguments.max_leases, exit_with_parent=arguments.exit_with_parent,
+        curve=curve,
     )  # fmt: skip
     run_worker(options, arguments.threads)
     return 0
@@ -239,6 +280,32 @@ def _eval(arguments: argparse.Namespace, config: Config) -> int:
     for question, answer, completion in result.examples:
         log.info("%s  gold %s  model %r", question, answer, completion[:80])
     print(f"held-out greedy accuracy: {result.accuracy:.3f} on {result.count} prompts")
+    return 0
+
+
+def _new_key(name: str, folder: Path) -> int:
+    from shlex import quote
+
+    from swarmrl.protocol.auth import KeyFileError, load_key_pair, new_key_pair
+
+    try:
+        public_file, secret_file = new_key_pair(folder, name)
+    except (KeyFileError, OSError) as error:
+        print(f"swarmrl: {error}", file=sys.stderr)
+        return 2
+    public = load_key_pair(secret_file).public.decode()
+    print(
+        f"public key  {public}\n"
+        f"written to  {public_file} (share it) and {secret_file} (secret, mode 600)\n\n"
+        "As a worker: give the public key to the trainer's operator (a line in their allow_keys\n"
+        "file), then join with\n"
+        f"  swarmrl worker --connect tcp://TRAINER_HOST:5555 --key {quote(str(secret_file))} "
+        "--trainer-key TRAINER_PUBLIC_KEY\n\n"
+        "As a trainer: list the workers' public keys in a file, one per line, then run\n"
+        f"  swarmrl train --bind tcp://0.0.0.0:5555 --allow-keys allowed_keys.txt "
+        f"--swarm.trainer_key {quote(str(secret_file))}\n"
+        f"and give workers --trainer-key {quote(public)}"
+    )
     return 0
 
 

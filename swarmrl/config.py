@@ -94,7 +94,21 @@ class SamplingConfig(Section):
         return self
 
 
+class DemoConfig(Section):
+    """The DeMo-style optimizer's compressed step (see trainer/optimizers.py)."""
+
+    topk: int = Field(1, ge=1, description="DCT coefficients sent per block")
+    chunk: int = Field(64, ge=1, le=256, description="block side: matrices in chunk x chunk")
+    decay: float = Field(0.999, gt=0, lt=1, description="momentum decay")
+    value_bits: Literal[1, 16] = Field(1, description="1: signs only; 16: bf16 values")
+
+
 class TrainerConfig(Section):
+    optimizer: Literal["adamw", "demo"] = "adamw"
+    weight_codec: Literal["full", "sparse"] = Field(
+        "full", description="adamw's updates: full weights, or the bf16 elements that changed"
+    )
+    demo: DemoConfig = DemoConfig()
     learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = 0.9
@@ -118,6 +132,17 @@ class TrainerConfig(Section):
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
+    @property
+    def codec(self) -> str:
+        """What workers are sent after each step: `demo` sends its own compressed step."""
+        return "demo" if self.optimizer == "demo" else self.weight_codec
+
+    @model_validator(mode="after")
+    def _codec_fits_optimizer(self) -> TrainerConfig:
+        if self.optimizer == "demo" and self.weight_codec != "full":
+            raise ValueError("weight_codec is for adamw; the demo optimizer sends its own step")
+        return self
+
 
 class RewardConfig(Section):
     function: str = Field(description="registered name or package.module:function")
@@ -136,6 +161,22 @@ class SwarmConfig(Section):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_timeout_s: float = Field(20.0, gt=0, description="silence after which a peer is gone")
     max_message_mb: int = Field(64, ge=1, description="largest frame the trainer accepts")
+    allow_keys: str | None = Field(
+        None,
+        description="closed swarm: file of accepted worker public keys (CURVE), one per line, "
+        "# comments; unset: an open swarm, anyone may join",
+    )
+    trainer_key: str | None = Field(
+        None,
+        description="closed swarm: the trainer's secret key file (swarmrl keys new); unset: "
+        "generated into the run folder",
+    )
+    keyframe_every: int = Field(
+        0, ge=0, description="send full weights instead of deltas every N versions (0: never)"
+    )
+    update_history: int = Field(
+        64, ge=0, description="deltas kept for workers that fall behind; further back: keyframe"
+    )
 
 
 class EvalConfig(Section):
@@ -211,6 +252,10 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
             split: str(path.parent / name) if isinstance(name, str) else name
             for split, name in files.items()
         }
+    swarm = data.get("swarm", {})
+    for key in ("allow_keys", "trainer_key"):  # key files, relative to the recipe as well
+        if isinstance(swarm.get(key), str):
+            swarm[key] = str(path.parent / Path(swarm[key]).expanduser())
     pairs = parse_overrides(overrides or [])
     for key, raw in pairs:
         _assign(data, key, _typed_value(key, raw))

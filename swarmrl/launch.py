@@ -27,10 +27,14 @@ def worker_command(endpoint: str, name: str, config: Config, folder: Path) -> li
         "--backend", swarm.backend, "--threads", str(swarm.worker_threads),
         "--max-prompts", str(swarm.prompts_per_lease), "--log-dir", str(folder),
         "--console-level", "warning", "--exit-with-parent",
+        # A closed swarm: local workers use the trainer's own key pair, which it accepts.
+        *(["--key", swarm.trainer_key, "--trainer-key", swarm.trainer_key]
+          if swarm.allow_keys and swarm.trainer_key else []),
     ]  # fmt: skip
 
 
 def run_local(config: Config, folder: Path, workers: int, resume: bool) -> dict[str, Any]:
+    close_swarm(config, folder)  # before the heavy imports: a bad key file fails at once
     from swarmrl.trainer.loop import train
 
     children: list[subprocess.Popen] = []
@@ -53,6 +57,27 @@ def run_local(config: Config, folder: Path, workers: int, resume: bool) -> dict[
         return train(config, folder, resume=resume, on_ready=start_workers)
     finally:
         stop_children(children)
+
+
+def close_swarm(config: Config, folder: Path) -> None:
+    """With `swarm.allow_keys`: the trainer's key pair (generated into the run folder unless
+    the recipe names one, reused on resume), absolute key paths (the run's config.toml must
+    work from anywhere), and both key files checked now rather than after the model loads."""
+    swarm = config.swarm
+    if swarm.allow_keys is None:
+        return
+    from swarmrl.protocol.auth import load_key_pair, new_key_pair, read_allowlist
+
+    swarm.allow_keys = str(Path(swarm.allow_keys).expanduser().resolve())
+    read_allowlist(swarm.allow_keys)
+    if swarm.trainer_key is None:
+        secret = folder / "trainer.key_secret"
+        if not secret.exists():
+            new_key_pair(folder, "trainer")
+            log.info("closed swarm: generated the trainer's key pair %s", secret)
+        swarm.trainer_key = str(secret)
+    swarm.trainer_key = str(Path(swarm.trainer_key).expanduser().resolve())
+    load_key_pair(swarm.trainer_key)
 
 
 def stop_children(children: list[subprocess.Popen], grace_s: float = 10.0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from swarmrl.config import Config
-from swarmrl.protocol.codecs import PayloadError, decode_full, encode_full, fingerprint
+from swarmrl.protocol.codecs import PayloadError, decode_full, encode_full, weights_fingerprint
 from swarmrl.protocol.messages import SamplingParams
 from swarmrl.trainer.buffer import ScoredGroup
 from swarmrl.trainer.step import completion_logits, flatten, pad_batch
@@ -84,23 +84,24 @@ def test_weight_update_changes_outputs_and_restoring_brings_them_back(backend) -
 
     batch_prompts = token_prompts(backend)
     before = backend.generate_greedy(batch_prompts, 12, [])
-    original = encode_full(backend.model)
-    tensors = decode_full(original, fingerprint(original))
+    weights = dict(backend.model.named_parameters())
+    original, original_fingerprint = encode_full(weights), weights_fingerprint(weights)
+    tensors = decode_full(original, original_fingerprint)
     perturbed = {name: tensor + 0.02 * torch.randn_like(tensor) for name, tensor in tensors.items()}
     backend.load_weights(perturbed)
     assert backend.generate_greedy(batch_prompts, 12, []) != before
-    backend.load_weights(decode_full(original, fingerprint(original)))
+    backend.load_weights(decode_full(original, original_fingerprint))
     assert backend.generate_greedy(batch_prompts, 12, []) == before
 
 
 def test_bad_payloads_leave_the_weights_untouched(backend) -> None:
-    payload = encode_full(backend.model)
-    with pytest.raises(PayloadError, match="fingerprint"):
-        decode_full(payload[: len(payload) // 2], fingerprint(payload))
-    truncated = payload[: len(payload) // 2]
+    weights = dict(backend.model.named_parameters())
+    payload, expected = encode_full(weights), weights_fingerprint(weights)
     with pytest.raises(PayloadError, match="safetensors"):
-        decode_full(truncated, fingerprint(truncated))
-    tensors = decode_full(payload, fingerprint(payload))
+        decode_full(payload[: len(payload) // 2], expected)
+    with pytest.raises(PayloadError, match="fingerprint"):
+        decode_full(payload, "0" * 64)
+    tensors = decode_full(payload, expected)
     name = next(iter(tensors))
     wrong_shape = dict(tensors, **{name: tensors[name][:1]})
     with pytest.raises(ValueError, match="shape"):
@@ -108,7 +109,7 @@ def test_bad_payloads_leave_the_weights_untouched(backend) -> None:
     missing = {k: v for k, v in tensors.items() if k != name}
     with pytest.raises(ValueError, match="missing"):
         backend.load_weights(missing)
-    assert fingerprint(encode_full(backend.model)) == fingerprint(payload)
+    assert weights_fingerprint(dict(backend.model.named_parameters())) == expected
 
 
 def test_stop_strings_end_the_completion_where_they_occur(backend) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmrl.protocol.codecs import decode_full, encode_full, fingerprint
+from swarmrl.protocol.codecs import decode_full, encode_full, weights_fingerprint
 from swarmrl.protocol.messages import SamplingParams
 from tests.conftest import start_trainer, start_worker
 
@@ -88,8 +88,8 @@ def test_vllm_weights_update_in_place_and_come_back(engines) -> None:
         return [s.token_ids for g in vllm_backend.generate(batch, 1, greedy, [0, 0]) for s in g]
 
     before = outputs()
-    original = encode_full(hf.model)
-    tensors = decode_full(original, fingerprint(original))
+    weights = dict(hf.model.named_parameters())
+    tensors = decode_full(encode_full(weights), weights_fingerprint(weights))
     generator = torch.Generator().manual_seed(0)
     perturbed = {
         n: t + 0.02 * torch.randn(t.shape, generator=generator) for n, t in tensors.items()

@@ -2,7 +2,8 @@
 
 The trainer never generates during training. Workers pull leases from the server thread and
 return completions; this loop waits until `prompts_per_step` groups with a reward spread are
-buffered, takes one optimizer step on them, publishes the new weights (version = step), logs,
+buffered, takes one optimizer step on them, publishes the new weights (version = step: a delta
+in the recipe's codec plus a keyframe for workers that cannot replay it), logs,
 and checkpoints. A slow worker only means fewer samples from it; nobody waits for it.
 The first Ctrl-C finishes the current step, saves a checkpoint and stops; a second one aborts.
 (This module imports torch: the CLI imports it only when a run starts.)
@@ -25,14 +26,15 @@ import torch
 from swarmrl.config import Config, to_toml
 from swarmrl.logs import MetricsWriter
 from swarmrl.models import load_model, load_tokenizer, pick_device
-from swarmrl.protocol.codecs import encode_full, fingerprint
 from swarmrl.rewards import load_reward_function
 from swarmrl.trainer.checkpoint import load_latest, save_checkpoint
 from swarmrl.trainer.data import load_tasks
 from swarmrl.trainer.evaluate import evaluate
 from swarmrl.trainer.leases import LeaseBook
+from swarmrl.trainer.optimizers import Publication, make_optimizer
 from swarmrl.trainer.progress import Progress
-from swarmrl.trainer.server import SwarmServer, Weights
+from swarmrl.trainer.publish import WeightPublisher
+from swarmrl.trainer.server import SwarmServer
 from swarmrl.trainer.step import train_step
 
 log = logging.getLogger("trainer")
@@ -62,12 +64,7 @@ def train(
     if trainer.beta > 0:
         reference = load_model(config.model.name, dtype=config.model.dtype, device=device)
         reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=trainer.learning_rate,
-        weight_decay=trainer.weight_decay,
-        betas=(trainer.adam_beta1, trainer.adam_beta2),
-    )
+    optimizer = make_optimizer(model, trainer)
     tasks = load_tasks(config.data, config.eval.heldout_size)
     rewards = [(r.function, load_reward_function(r.function), r.weight) for r in config.rewards]
     leases = LeaseBook(config.data.seed, config.swarm.lease_timeout_s)
@@ -92,7 +89,13 @@ def train(
     # The run id is new for every trainer process: workers from before a restart must not
     # trust their version numbers, so they are sent a keyframe.
     run_id = uuid.uuid4().hex[:12]
-    server = SwarmServer(config, tokenizer, tasks, rewards, leases, weights_of(model, step), run_id)
+    publication = Publication(model, optimizer, trainer.codec)
+    weights = WeightPublisher(
+        publication.published(step, after_step=False),
+        config.swarm.update_history,
+        config.swarm.keyframe_every,
+    )
+    server = SwarmServer(config, tokenizer, tasks, rewards, leases, weights, run_id)
     server.start()
     log.info("listening on %s (run %s)", server.endpoint, server.run_id)
     (run_folder / "endpoint").write_text(server.endpoint + "\n")
@@ -115,7 +118,13 @@ def train(
             step_started = time.monotonic()
             stats = train_step(model, optimizer, batch, config, tokenizer.pad_token_id, reference)
             step += 1
-            server.publish_weights(weights_of(model, step))
+            publish_started = time.monotonic()
+            published = publication.published(step)
+            weights.publish(published)
+            stats["publish_seconds"] = time.monotonic() - publish_started
+            stats["update_bytes"] = len(
+                published.keyframe if published.delta is None else published.delta.payload
+            )
             scored, workers = server.take_rewards(), server.worker_table()
             reward = sum(scored) / len(scored) if scored else float("nan")
             now = time.monotonic()
@@ -181,11 +190,6 @@ class StopRequest:
     def restore(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
-
-
-def weights_of(model: Any, version: int) -> Weights:
-    payload = encode_full(model)
-    return Weights(version=version, payload=payload, fingerprint=fingerprint(payload))
 
 
 def run_eval(

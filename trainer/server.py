@@ -4,8 +4,8 @@ It answers hello with the run spec, sends newer weights to a worker before its n
 leases prompts (pull-based: a worker asks when it is free, so fast workers ask often and slow
 ones rarely), checks and scores submissions, and puts scored groups in the buffer the training
 thread reads. It never waits for a worker: a silent worker's leases expire and are leased again.
-The training thread talks to it only through `publish_weights`, `next_batch`, `take_rewards`
-and `worker_table`.
+The training thread talks to it only through `weights` (a WeightPublisher), `next_batch`,
+`take_rewards` and `worker_table`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from swarmrl.rewards import score_completions
 from swarmrl.trainer.buffer import GroupBuffer, ScoredGroup
 from swarmrl.trainer.data import prompt_text, prompt_token_ids
 from swarmrl.trainer.leases import LeaseBook, LeaseError, OpenLease, prompt_id
+from swarmrl.trainer.publish import WeightPublisher
 from swarmrl.trainer.verify import SubmissionError, check_submission
 
 log = logging.getLogger("trainer")
@@ -43,13 +44,6 @@ class WorkerRecord:
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class Weights:
-    version: int
-    payload: bytes
-    fingerprint: str
-
-
 class SwarmServer:
     def __init__(
         self,
@@ -58,7 +52,7 @@ class SwarmServer:
         tasks: Any,
         reward_functions: list[tuple[str, Any, float]],
         leases: LeaseBook,
-        weights: Weights,
+        weights: WeightPublisher,
         run_id: str,
     ) -> None:
         import zmq
@@ -73,13 +67,14 @@ class SwarmServer:
         self.workers: dict[bytes, WorkerRecord] = {}  # connected, by ZeroMQ identity
         self.ledger: dict[str, WorkerRecord] = {}  # every worker ever seen, by worker id
         self.reward_log: list[float] = []  # every scored sample's reward since the last snapshot
-        self._weights = weights
+        self.weights = weights
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._context = zmq.Context()
         self._socket = make_router(
-            self._context, config.swarm.bind, config.swarm.max_message_mb * 2**20
-        )
+            self._context, config.swarm.bind, config.swarm.max_message_mb * 2**20,
+            allow_keys=config.swarm.allow_keys, trainer_key=config.swarm.trainer_key,
+        )  # fmt: skip
         self.endpoint = bound_endpoint(self._socket)
         self._thread = threading.Thread(target=self._serve, name="swarm-server", daemon=True)
         self._names = 0
@@ -98,11 +93,7 @@ class SwarmServer:
 
     @property
     def version(self) -> int:
-        return self._weights.version
-
-    def publish_weights(self, weights: Weights) -> None:
-        with self._lock:
-            self._weights = weights
+        return self.weights.version
 
     def next_batch(self, timeout_s: float) -> list[ScoredGroup] | None:
         """`prompts_per_step` fresh groups, or None if they did not arrive within the timeout."""
@@ -255,18 +246,10 @@ class SwarmServer:
         self, identity: bytes, worker: WorkerRecord, request: m.WorkRequest, now: float
     ) -> None:
         worker.weights_version = request.weights_version
-        weights = self._weights
-        if request.weights_version != weights.version:
-            self._send(
-                identity,
-                m.WeightUpdate(
-                    version=weights.version,
-                    codec="full",
-                    fingerprint=weights.fingerprint,
-                    num_bytes=len(weights.payload),
-                ),
-                (weights.payload,),
-            )
+        updates = self.weights.catch_up(request.weights_version)
+        if updates:  # the worker asks again once it holds the current weights
+            for update, payload in updates:
+                self._send(identity, update, payload)
             return
         # Lease only what can still be trained on: the groups of the step in progress are out
         # of the buffer, so `max_staleness` more steps' worth is the most that stays fresh.
@@ -277,7 +260,7 @@ class SwarmServer:
         if room <= 0:
             self._send(identity, m.NoWork(reason="enough work is out", retry_after_s=0.5))
             return
-        lease = self.leases.issue(worker.worker_id, min(count, room), weights.version, now)
+        lease = self.leases.issue(worker.worker_id, min(count, room), self.version, now)
         prompts = [
             m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self._prompt(i)[1], seed=seed)
             for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)

@@ -1,0 +1,108 @@
+"""The trainer's optimizers, and what each one publishes to the workers after a step.
+
+- `adamw`: torch AdamW. Published as codec `full` (every weight: the reference, and every
+  keyframe) or `sparse` (only the bf16 elements that changed; workers hold bf16 weights).
+- `demo`: DeMo-style (Peng, Quesnelle, Kingma 2024). Momentum `m = decay*m + lr*g`; the top-k
+  DCT coefficients of every block of m are the payload (protocol/demo.py); `m -=` what they
+  stand for (error feedback); then the payload itself is replayed on the trainer's weights,
+  exactly as every worker will replay it: the update is the message.
+
+`Publication` turns the weights after each step into a `Published` version: the delta in the
+chosen codec, a keyframe, and the fingerprint of the weights a worker holds afterwards.
+(This module imports torch: the CLI imports it only when a run starts.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from swarmrl.config import TrainerConfig
+from swarmrl.protocol import demo, sparse
+from swarmrl.protocol.codecs import encode_full, weights_fingerprint
+from swarmrl.trainer.publish import Delta, Published
+
+
+class DemoOptimizer(torch.optim.Optimizer):
+    def __init__(
+        self,
+        named_parameters: list[tuple[str, torch.nn.Parameter]],
+        lr: float,
+        weight_decay: float,
+        decay: float,
+        settings: demo.DemoSettings,
+    ) -> None:
+        self.names = [name for name, _ in named_parameters]
+        super().__init__(
+            [p for _, p in named_parameters],
+            {"lr": lr, "weight_decay": weight_decay, "decay": decay},
+        )
+        self.settings = settings
+        self.last_payload: bytes | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        group = self.param_groups[0]
+        tensors = dict(zip(self.names, group["params"], strict=True))
+        selections = {}
+        for name, parameter in tensors.items():
+            momentum = self.state[parameter].setdefault("momentum", torch.zeros_like(parameter))
+            momentum.mul_(group["decay"])
+            if parameter.grad is not None:
+                momentum.add_(parameter.grad, alpha=group["lr"])
+            selection = demo.select(momentum, self.settings)
+            momentum.sub_(
+                demo.dense(selection, tuple(parameter.shape), self.settings.chunk).to(momentum)
+            )
+            selections[name] = selection
+        shapes = {name: tuple(p.shape) for name, p in tensors.items()}
+        payload = demo.encode(selections, shapes, self.settings, group["lr"], group["weight_decay"])
+        demo.apply_update(payload, tensors)
+        self.last_payload = payload
+
+
+def make_optimizer(model: Any, trainer: TrainerConfig) -> torch.optim.Optimizer:
+    if trainer.optimizer == "demo":
+        settings = demo.DemoSettings(
+            topk=trainer.demo.topk, chunk=trainer.demo.chunk, value_bits=trainer.demo.value_bits
+        )
+        return DemoOptimizer(
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+            lr=trainer.learning_rate,
+            weight_decay=trainer.weight_decay,
+            decay=trainer.demo.decay,
+            settings=settings,
+        )
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=trainer.learning_rate,
+        weight_decay=trainer.weight_decay,
+        betas=(trainer.adam_beta1, trainer.adam_beta2),
+    )
+
+
+class Publication:
+    """What the workers are sent for each version, in the codec the recipe chose."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, codec: str) -> None:
+        self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = optimizer
+        self.codec = codec
+        self.bf16: dict[str, torch.Tensor] | None = None  # `sparse`: what the workers hold
+
+    def published(self, version: int, after_step: bool = True) -> Published:
+        """Version `version` of the weights; `after_step` False for the first one (no delta)."""
+        weights: dict[str, torch.Tensor] = {n: p.detach() for n, p in self.parameters.items()}
+        delta = None
+        if self.codec == "sparse":
+            rounded = {n: t.to(torch.bfloat16) for n, t in weights.items()}
+            if after_step and self.bf16 is not None:
+                delta = Delta("sparse", sparse.encode(self.bf16, rounded))
+            self.bf16 = weights = rounded
+        elif self.codec == "demo" and after_step:
+            payload = getattr(self.optimizer, "last_payload", None)
+            if payload is None:
+                raise RuntimeError("the demo codec needs the demo optimizer")
+            delta = Delta("demo", payload)
+        return Published(version, weights_fingerprint(weights), encode_full(weights), delta)
