@@ -5,7 +5,8 @@ loopback ZeroMQ), the same seed and number of steps for every variant. Per varia
 the wire per update (payload + message frame + ZMTP frame headers; mean, max) and the ratio
 to the model's weights in bf16, the trainer's publish seconds (encode + fingerprint +
 keyframe), the workers' replay-and-load seconds, held-out greedy accuracy before and after,
-the reward curve, and how the workers' weights compare with the trainer's: bit-identical
+the reward curve (held-out accuracy before training is measured once: it is the same model),
+and how the workers' weights compare with the trainer's: bit-identical
 when every replayed version matched its fingerprint (no keyframe was asked for), else the
 measured token KL.
 
@@ -13,7 +14,7 @@ Part 2, drift: the demo optimizer takes `--drift-steps` steps on the real model 
 random token batches) while a separate worker process, with a different torch thread count,
 replays each payload; every version's fingerprint is compared.
 
-    python benchmarks/weight_sync.py --steps 16
+    python benchmarks/weight_sync.py --steps 16 [--folder F  (continue an interrupted run)]
 Prints a table and writes benchmarks/results/weight_sync.json.
 """
 
@@ -26,7 +27,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -70,25 +70,36 @@ def message_bytes(codec: str, payload_bytes: int) -> int:
     return len(encode(message, [bytes(payload_bytes)])[0]) + 2 * ZMTP_FRAME_HEADER
 
 
-def train_variant(name: str, overrides: list[str], steps: int, folder: Path) -> dict:
+def run_variant(name: str, overrides: list[str], steps: int, folder: Path, before: bool) -> None:
+    """`swarmrl run` of one variant into folder/<name>; a finished run there is kept as is."""
     run_name = re.sub(r"\W+", "-", name)
+    if any(r["step"] == steps for r in records_of(folder / run_name, "eval")):
+        return
     command = [
         sys.executable, "-m", "swarmrl.cli", "run", *overrides,
         "--trainer.max_steps", str(steps), "--trainer.max_minutes", "600",
-        "--checkpoint.every_steps", "0",
+        "--checkpoint.every_steps", "0", f"--eval.before={str(before).lower()}",
         "--logging.run_dir", str(folder), "--logging.run_name", run_name,
         "--logging.tensorboard=false",
     ]  # fmt: skip
-    started = time.monotonic()
     log = folder / f"{run_name}.log"
     with log.open("w") as out:
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"{name}: swarmrl run failed ({code}); see {log}")
-    run = folder / run_name
+
+
+def records_of(run: Path, kind: str) -> list[dict]:
+    if not (run / "metrics.jsonl").is_file():
+        return []
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r["accuracy"] for r in records if r["kind"] == "eval"]
+    return [r for r in records if r["kind"] == kind]
+
+
+def measure_variant(name: str, folder: Path) -> dict:
+    run = folder / re.sub(r"\W+", "-", name)
+    train = records_of(run, "train")
+    evals = [r["accuracy"] for r in records_of(run, "eval")]
     worker_logs = "".join(p.read_text() for p in run.glob("worker-*.log"))
     applied = [(int(v), codec, float(s)) for v, codec, _, s in APPLIED.findall(worker_logs)]
     deltas = [s for v, codec, s in applied if codec != "full"]
@@ -107,10 +118,9 @@ def train_variant(name: str, overrides: list[str], steps: int, folder: Path) -> 
         ),
         "keyframes_after_start": sum(1 for v, c, _ in applied if c == "full" and v > 1),
         "refused_or_drifted": len(re.findall(r"refused|drifted", worker_logs)),
-        "accuracy_before": evals[0],
+        "accuracy_before": evals[0] if len(evals) == 2 else None,
         "accuracy_after": evals[-1],
         "reward_curve": [round(r["reward_mean"], 3) for r in train],
-        "wall_seconds": time.monotonic() - started,
     }
 
 
@@ -196,15 +206,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--drift-steps", type=int, default=100)
+    parser.add_argument("--folder", type=Path, help="continue here: finished variants are kept")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    folder = RESULTS / f"weight_sync-{datetime.now():%Y%m%d-%H%M%S}"
-    folder.mkdir(parents=True)
+    folder = args.folder or RESULTS / f"weight_sync-{datetime.now():%Y%m%d-%H%M%S}"
+    folder.mkdir(parents=True, exist_ok=True)
     reference = bf16_bytes()
     rows: list[dict] = []
     result: dict = {"bf16_bytes": reference, "steps": args.steps, "variants": rows}
+    before = None  # same model, same held-out set: measured once, by the first variant run
     for name in args.variants.split(","):
-        row = train_variant(name, VARIANTS[name], args.steps, folder)
+        run_variant(name, VARIANTS[name], args.steps, folder, before=before is None)
+        row = measure_variant(name, folder)
+        if row["accuracy_before"] is None:
+            row["accuracy_before"] = before
+        before = row["accuracy_before"]
         row["ratio_vs_bf16"] = reference / row["wire_bytes_mean"]
         row["ratio_vs_bf16_worst"] = reference / row["wire_bytes_max"]
         row["worker_vs_trainer"] = (

@@ -2,10 +2,11 @@
 
 Everything about the run (model, sampling, group size) comes from the trainer's run spec; the
 worker brings only its hardware. Generation runs in a background thread while the main thread
-keeps the connection alive (heartbeats both ways). If the trainer goes silent for longer than
-the heartbeat timeout, the worker drops the socket and reconnects by itself with backoff; a
-trainer restart is just another reconnect. A bad weight payload is refused without touching
-the model, and the worker asks again.
+keeps the connection alive (heartbeats both ways), asks for the next lease and takes in
+verdicts and weight updates, so the engine never waits on the network between leases. If the
+trainer goes silent for longer than the heartbeat timeout, the worker drops the socket and
+reconnects by itself with backoff; a trainer restart is just another reconnect. A bad weight
+payload is refused without touching the model, and the worker asks for a keyframe.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ from swarmrl.rollout.vllm_backend import EngineOptions
 
 log = logging.getLogger("worker")
 
+WORK = (m.WeightUpdate, m.Lease, m.NoWork)  # the answers to a work request
 WEIGHTS_MESSAGE_LIMIT = 64 * 2**30  # a worker must accept full-weight keyframes of big models
 WEIGHTS_TIMEOUT_S = 900.0  # a full keyframe over a slow link arrives as one big message
 
@@ -68,6 +71,10 @@ class Worker:
         self.version = -1
         self.trainer_version = -1  # as last heard from the trainer
         self.leases_done = 0
+        self.inbox: deque[tuple[Any, list]] = deque()  # run specs, leases, weights, in order
+        self.requested = False  # a work request is out and not yet answered
+        self.submitted: dict[str, tuple[int, int, float]] = {}  # awaiting a verdict
+        self.next_beat = 0.0
         self.stopping = False
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.parent_pid = os.getppid()
@@ -110,6 +117,9 @@ class Worker:
     def _connect(self) -> None:
         if self.channel is not None:
             self.channel.close()
+        self.inbox.clear()  # leases and verdicts of the old connection are void
+        self.submitted.clear()
+        self.requested = False
         self.channel = Channel(
             make_dealer(
                 self.context, self.options.connect, self.identity, WEIGHTS_MESSAGE_LIMIT,
@@ -171,63 +181,75 @@ class Worker:
 
     def _heartbeat(self) -> None:
         self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))
+        assert self.spec is not None
+        self.next_beat = time.monotonic() + self.spec.heartbeat_interval_s
 
-    def _await(
-        self, kinds: tuple[type, ...], timeout_s: float, lease_id: str | None = None
-    ) -> tuple[Any, list]:
-        """The next message of one of `kinds` (and for `lease_id`, if given), with its blobs.
+    def _pump(self, timeout_s: float) -> None:
+        """Heartbeat if due, then handle at most one message (waiting up to `timeout_s`)."""
+        assert self.channel is not None
+        if self.spec is not None and time.monotonic() >= self.next_beat:
+            self._heartbeat()
+        try:
+            received = self.channel.recv(timeout_s=max(0.0, min(timeout_s, 0.5)))
+        except ProtocolError as error:
+            log.warning("dropped a malformed message from the trainer: %s", error)
+            return
+        if received is not None:
+            self._dispatch(*received)
+
+    def _dispatch(self, message: Any, blobs: list) -> None:
+        """Verdicts are logged at once; run specs, leases and weights wait in the inbox.
+
+        Raises TrainerGone on bye, SystemExit if the trainer refuses this worker."""
+        if isinstance(message, m.Heartbeat):
+            self.trainer_version = message.weights_version
+        elif isinstance(message, m.Bye):
+            raise TrainerGone(f"trainer said bye ({message.reason})")
+        elif isinstance(message, m.Reject) and message.reason == "bad_version":
+            raise SystemExit(f"trainer refused this worker: {message.detail}")
+        elif isinstance(message, m.Reject) and message.reason == "unknown_worker":
+            raise TrainerGone("the trainer does not know this worker (it restarted?)")
+        elif isinstance(message, (m.Accept, m.Reject)) and message.lease_id in self.submitted:
+            self._verdict(message)
+        elif isinstance(message, (m.RunSpec, *WORK)):
+            if isinstance(message, WORK):
+                self.requested = False
+            self.inbox.append((message, blobs))
+        else:
+            log.warning("skipped an unexpected %s from the trainer", message.type)
+
+    def _await(self, kinds: tuple[type, ...], timeout_s: float) -> tuple[Any, list]:
+        """The next inbox message if it is one of `kinds`, waiting up to `timeout_s` for it.
 
         Heartbeats go out while waiting, so the trainer knows this worker is alive; anything
-        else that arrives (a late answer from before a reconnect) is logged and skipped.
-        Raises TrainerGone on silence or bye, SystemExit if the trainer refuses this worker.
+        else first in line (a late answer from before a reconnect) is logged and skipped.
         """
-        assert self.channel is not None
         deadline = time.monotonic() + timeout_s
-        next_beat = time.monotonic() + (self.spec.heartbeat_interval_s if self.spec else 1e9)
         while True:
+            while self.inbox:
+                message, blobs = self.inbox.popleft()
+                if isinstance(message, kinds):
+                    return message, blobs
+                log.warning("skipped an unexpected %s from the trainer", message.type)
             now = time.monotonic()
             if now >= deadline or self.stopping:
                 raise TrainerGone(f"no answer from the trainer for {timeout_s:.0f}s")
-            if now >= next_beat and self.spec is not None:
-                self._heartbeat()
-                next_beat = now + self.spec.heartbeat_interval_s
-            try:
-                received = self.channel.recv(timeout_s=min(deadline - now, 0.5))
-            except ProtocolError as error:
-                log.warning("dropped a malformed message from the trainer: %s", error)
-                continue
-            if received is None:
-                continue
-            message, blobs = received
-            if isinstance(message, m.Heartbeat):
-                self.trainer_version = message.weights_version
-            elif isinstance(message, m.Bye):
-                raise TrainerGone(f"trainer said bye ({message.reason})")
-            elif isinstance(message, m.Reject) and message.reason == "bad_version":
-                raise SystemExit(f"trainer refused this worker: {message.detail}")
-            elif isinstance(message, m.Reject) and message.reason == "unknown_worker":
-                raise TrainerGone("the trainer does not know this worker (it restarted?)")
-            elif isinstance(message, kinds) and (
-                lease_id is None or getattr(message, "lease_id", lease_id) == lease_id
-            ):
-                return message, blobs
-            else:
-                log.warning("skipped an unexpected %s from the trainer", message.type)
+            self._pump(deadline - now)
 
     def _in_background(self, function: Any, *arguments: Any) -> Any:
-        """Run `function` in the engine thread, heartbeating meanwhile; return its result."""
-        assert self.spec is not None
+        """Run `function` in the engine thread; meanwhile heartbeat and take in messages."""
         future: Future = self.pool.submit(function, *arguments)
-        while True:
-            try:
-                return future.result(timeout=self.spec.heartbeat_interval_s)
-            except TimeoutError:
-                self._heartbeat()
+        while not future.done():
+            self._pump(0.2)
+        return future.result()
 
     def _close(self, reason: str) -> None:
         if self.channel is not None:
             # The trainer may already be gone; then there is nobody to tell.
             with contextlib.suppress(TrainerGone):
+                deadline = time.monotonic() + 5.0
+                while self.submitted and time.monotonic() < deadline:
+                    self._pump(deadline - time.monotonic())  # the last verdicts, for the log
                 self._send(m.Bye(reason=reason), timeout_s=1.0)
             self.channel.close(linger_s=2.0)
             self.channel = None
@@ -237,29 +259,40 @@ class Worker:
     # ---- work ----------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        """Take the next lease or weight update from the inbox, asking for work if it is empty.
+
+        Leases are pipelined: while the engine generates one, the next is already requested
+        (see `_work_on`), and submissions do not wait for their verdict."""
         assert self.spec is not None
         while not self.stopping and not self._enough():
-            self._send(
-                m.WorkRequest(
-                    max_prompts=self.options.max_prompts_per_lease, weights_version=self.version
-                )
-            )
+            if not self.inbox and not self.requested:
+                self._request_work()
             # Weights may be on the way (a big message that arrives all at once): be patient.
             behind = self.version != self.trainer_version
             timeout = WEIGHTS_TIMEOUT_S if behind else self.spec.heartbeat_timeout_s
-            message, blobs = self._await((m.WeightUpdate, m.Lease, m.NoWork), timeout)
+            message, blobs = self._await(WORK, timeout)
             if isinstance(message, m.WeightUpdate):
                 self.trainer_version = max(self.trainer_version, message.version)
                 self._apply_weights(message, blobs)
             elif isinstance(message, m.Lease):
                 self._work_on(message)
             else:
-                time.sleep(message.retry_after_s)
+                self._sleep_with_heartbeats(message.retry_after_s)
+
+    def _request_work(self) -> None:
+        self._send(
+            m.WorkRequest(
+                max_prompts=self.options.max_prompts_per_lease, weights_version=self.version
+            )
+        )
+        self.requested = True
 
     def _apply_weights(self, update: m.WeightUpdate, blobs: list) -> None:
         """Keyframe or delta -> the replica -> the engine. A failure leaves the engine as it was
         and, for deltas, asks for a keyframe (version -1): the chain cannot go on from here."""
         started = time.monotonic()
+        if update.version <= self.version:
+            return  # already held: a chain asked for twice
         if len(blobs) != 1:
             log.error("weight update %d came with %d payload frames", update.version, len(blobs))
             return
@@ -291,9 +324,15 @@ class Worker:
         self.backend.load_weights(self.replica.apply(update, payload, self.version))
 
     def _work_on(self, lease: m.Lease) -> None:
-        """Generate in the background while heartbeating; submit; wait for the verdict."""
+        """Generate (asking for the next lease meanwhile), submit, and move on: the verdict is
+        handled whenever it arrives."""
         assert self.spec is not None
-        started = time.monotonic()
+        started, version = time.monotonic(), self.version
+        last = (
+            self.options.max_leases is not None and self.leases_done + 1 >= self.options.max_leases
+        )
+        if not self.requested and not self.inbox and not last:
+            self._request_work()  # the engine should not sit idle on the network
         try:
             samples = self._in_background(
                 self.backend.generate, [p.token_ids for p in lease.prompts],
@@ -320,34 +359,29 @@ class Worker:
         self._send(
             m.Submission(
                 lease_id=lease.lease_id,
-                policy_version=self.version,
+                policy_version=version,
                 groups=groups,
                 generation_seconds=elapsed,
             )
         )
-        reply, _ = self._await(
-            (m.Accept, m.Reject), self.spec.heartbeat_timeout_s, lease_id=lease.lease_id
-        )
-        self.leases_done += 1
         tokens = sum(len(s.token_ids) for group in samples for s in group)
+        self.submitted[lease.lease_id] = (sum(len(g) for g in samples), tokens, elapsed)
+        self.leases_done += 1
+
+    def _verdict(self, reply: m.Accept | m.Reject) -> None:
+        completions, tokens, elapsed = self.submitted.pop(reply.lease_id)
         if isinstance(reply, m.Accept):
             log.info(
                 "lease %s: %d completions, %d tokens in %.1fs (%.0f tok/s), accepted",
-                lease.lease_id,
-                sum(len(g) for g in samples),
-                tokens,
-                elapsed,
-                tokens / max(elapsed, 1e-6),
-            )
+                reply.lease_id, completions, tokens, elapsed, tokens / max(elapsed, 1e-6),
+            )  # fmt: skip
         else:
-            log.warning("lease %s rejected: %s (%s)", lease.lease_id, reply.reason, reply.detail)
+            log.warning("lease %s rejected: %s (%s)", reply.lease_id, reply.reason, reply.detail)
 
     def _sleep_with_heartbeats(self, seconds: float) -> None:
-        assert self.spec is not None
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0 and not self.stopping:
-            time.sleep(min(left, self.spec.heartbeat_interval_s))
-            self._heartbeat()
+            self._pump(left)
 
 
 def run_worker(options: WorkerOptions, threads: int | None = None) -> None:
