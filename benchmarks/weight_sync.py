@@ -116,7 +116,9 @@ def measure_variant(name: str, folder: Path) -> dict:
         "worker_apply_seconds_mean": (
             sum(deltas or [s for _, _, s in applied]) / max(len(deltas or applied), 1)
         ),
-        "keyframes_after_start": sum(1 for v, c, _ in applied if c == "full" and v > 1),
+        "keyframes_after_start": (
+            0 if codec == "full" else sum(1 for v, c, _ in applied if c == "full" and v > 1)
+        ),
         "refused_or_drifted": len(re.findall(r"refused|drifted", worker_logs)),
         "accuracy_before": evals[0] if len(evals) == 2 else None,
         "accuracy_after": evals[-1],
@@ -240,7 +242,7 @@ def main() -> None:
 def print_row(row: dict) -> None:
     print(
         f"{row['variant']:<20} {row['wire_bytes_mean'] / 1e3:>10.1f} KB "
-        f"{row['ratio_vs_bf16']:>8.0f}x  publish {row['publish_seconds_mean']:.2f}s  "
+        f"{row['ratio_vs_bf16']:>8.1f}x  publish {row['publish_seconds_mean']:.2f}s  "
         f"apply {row['worker_apply_seconds_mean']:.2f}s  acc {row['accuracy_before']:.3f} -> "
         f"{row['accuracy_after']:.3f}  {row['worker_vs_trainer']}  rewards {row['reward_curve']}",
         flush=True,
