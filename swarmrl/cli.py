@@ -1,10 +1,11 @@
-"""The `swarmrl` command: run, train, worker, eval, keys.
+"""The `swarmrl` command: run, train, worker, eval, keys, status.
 
     swarmrl run [RECIPE] [--workers N]          trainer + N local workers on this machine
     swarmrl train [RECIPE] --bind tcp://0.0.0.0:5555   the trainer alone; workers join later
     swarmrl worker --connect tcp://HOST:PORT    lend this machine to a running swarm
     swarmrl eval CHECKPOINT [--recipe RECIPE]   held-out greedy accuracy of a checkpoint
     swarmrl keys new NAME [--dir DIR]           a CURVE key pair for a closed swarm
+    swarmrl status [RUN_FOLDER]                 the worker ledger of a run, as a table
 
 Any config key can be overridden after the recipe: `--trainer.learning_rate 2e-5`. Only argparse
 and pydantic are imported up front, so `--help` answers at once.
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from swarmrl.config import Config, ConfigError, load_config, to_toml
+from swarmrl.config import Config, ConfigError, LoggingConfig, load_config, to_toml
 
 OVERRIDE_HELP = "any config key, e.g. --trainer.learning_rate 2e-5 (see --dry-run for all keys)"
 
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     new_key.add_argument("name", help="file stem, e.g. the worker's host name")
     new_key.add_argument("--dir", type=Path, default=Path("."), help="where to write them")
+
+    status = commands.add_parser(
+        "status", help="a run's workers: accepted and rejected samples, reasons, quarantine"
+    )
+    status.add_argument(
+        "run_folder", nargs="?", type=Path, help="run folder (default: the newest under runs/)"
+    )
     return parser
 
 
@@ -141,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             if overrides:
                 parser.error(f"unrecognized arguments: {' '.join(overrides)}")
             return _new_key(arguments.name, arguments.dir)
+        if arguments.command == "status":
+            if overrides:
+                parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+            return _status(arguments.run_folder)
         if arguments.command == "worker":
             if overrides:
                 parser.error(f"a worker takes no config overrides: {' '.join(overrides)}")
@@ -306,6 +318,20 @@ def _new_key(name: str, folder: Path) -> int:
         f"--swarm.trainer_key {quote(str(secret_file))}\n"
         f"and give workers --trainer-key {quote(public)}"
     )
+    return 0
+
+
+def _status(folder: Path | None) -> int:
+    from swarmrl.trainer.ledger import format_table, newest_run, read_ledger
+
+    try:
+        folder = folder or newest_run(Path(LoggingConfig().run_dir))
+        ledger = read_ledger(folder)
+    except (OSError, ValueError) as error:
+        print(f"swarmrl: {error}", file=sys.stderr)
+        return 2
+    print(f"{folder} (written {time.strftime('%H:%M:%S', time.localtime(ledger['written_at']))})")
+    print(format_table(ledger["workers"], time.time()))
     return 0
 
 

@@ -127,6 +127,19 @@ class TrainerConfig(Section):
     max_minutes: float | None = Field(None, gt=0, description="stop training after this long")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the trainer")
+    logprob_check: Literal["auto", "strict", "loose", "off"] = Field(
+        "auto",
+        description="compare each sequence's reported log-probs with the trainer's own; "
+        "strict: float32 on both sides, loose: bfloat16 anywhere (sparse codec too), auto: picks",
+    )
+    logprob_tolerance: float = Field(
+        1e-3, gt=0, description="strict check: largest |log-prob gap| allowed on any token"
+    )
+    logprob_stale_tolerance: float = Field(
+        1.5,
+        gt=0,
+        description="sequences sampled with older weights: largest mean |log-prob gap|",
+    )
 
     @property
     def clip_high(self) -> float:
@@ -161,6 +174,17 @@ class SwarmConfig(Section):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_timeout_s: float = Field(20.0, gt=0, description="silence after which a peer is gone")
     max_message_mb: int = Field(64, ge=1, description="largest frame the trainer accepts")
+    max_open_leases: int = Field(
+        3, ge=1, description="leases one worker may hold at once (a pipelining worker holds 2)"
+    )
+    rate_limit_per_s: float = Field(20.0, gt=0, description="messages per second per worker")
+    rate_limit_burst: int = Field(50, ge=1, description="messages a worker may send at once")
+    quarantine_rejections: int = Field(
+        20, ge=0, description="quarantine a worker with more samples rejected for cause..."
+    )
+    quarantine_fraction: float = Field(
+        0.2, ge=0, le=1, description="...when they are more than this share of all it sent"
+    )
     allow_keys: str | None = Field(
         None,
         description="closed swarm: file of accepted worker public keys (CURVE), one per line, "

@@ -108,15 +108,17 @@ def test_recipe_key_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def closed_swarm(tmp_path: Path):
+def closed_swarm(tmp_path: Path, model_path: str):
     """A started SwarmServer on loopback that accepts only `allowed`'s key (and its own)."""
+    from swarmrl.models import load_tokenizer
+
     _, trainer_secret = new_key_pair(tmp_path, "trainer")
     _, allowed_secret = new_key_pair(tmp_path, "allowed")
     allow = tmp_path / "allowed.txt"
     allow.write_text(f"# one worker\n{load_key_pair(allowed_secret).public.decode()}\n")
     swarm = SwarmConfig(allow_keys=str(allow), trainer_key=str(trainer_secret))
     server = SwarmServer(
-        Config(swarm=swarm), tokenizer=None, tasks=None, reward_functions=[],
+        Config(swarm=swarm), tokenizer=load_tokenizer(model_path), tasks=None, reward_functions=[],
         leases=LeaseBook(seed=0, lease_timeout_s=60.0), weights=SimpleNamespace(version=0),
         run_id="auth-test",
     )  # fmt: skip
@@ -148,7 +150,7 @@ def answer_to_hello(endpoint: str, curve: CurveClient | None, timeout_s: float) 
 def test_allowed_worker_key_gets_the_run_spec(closed_swarm) -> None:
     spec = answer_to_hello(closed_swarm.server.endpoint, closed_swarm.allowed, timeout_s=10)
     assert isinstance(spec, m.RunSpec) and spec.run_id == "auth-test"
-    assert list(closed_swarm.server.ledger) == ["w"]
+    assert list(closed_swarm.server.worker_table()) == ["w"]
 
 
 def test_trainers_own_key_is_accepted_for_local_workers(closed_swarm) -> None:
@@ -175,7 +177,7 @@ def unknown_key(trainer_public: bytes) -> CurveClient:
 def test_others_get_nothing(closed_swarm, who) -> None:
     endpoint = closed_swarm.server.endpoint
     assert answer_to_hello(endpoint, who(closed_swarm), timeout_s=2) is None
-    assert closed_swarm.server.ledger == {}
+    assert closed_swarm.server.worker_table() == {}
     # The trainer was up all along: an allowed worker still gets in.
     assert isinstance(answer_to_hello(endpoint, closed_swarm.allowed, 10), m.RunSpec)
 

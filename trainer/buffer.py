@@ -70,6 +70,13 @@ class GroupBuffer:
                 if self._closed or remaining <= 0 or not self._ready.wait(remaining):
                     return None, stale
 
+    def drop_worker(self, worker_id: str) -> list[ScoredGroup]:
+        """Take out every group of `worker_id` (a quarantined worker) and return them."""
+        with self._ready:
+            dropped = [g for g in self._groups if g.worker_id == worker_id]
+            self._groups = deque(g for g in self._groups if g.worker_id != worker_id)
+            return dropped
+
     def peek(self) -> list[ScoredGroup]:
         with self._ready:
             return list(self._groups)

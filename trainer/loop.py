@@ -27,10 +27,11 @@ from swarmrl.config import Config, to_toml
 from swarmrl.logs import MetricsWriter
 from swarmrl.models import load_model, load_tokenizer, pick_device
 from swarmrl.rewards import load_reward_function
-from swarmrl.trainer.checkpoint import load_latest, save_checkpoint
+from swarmrl.trainer.checkpoint import CheckpointError, checkpoints, load_latest, save_checkpoint
 from swarmrl.trainer.data import load_tasks
 from swarmrl.trainer.evaluate import evaluate
-from swarmrl.trainer.leases import LeaseBook
+from swarmrl.trainer.leases import LeaseBook, prompt_id
+from swarmrl.trainer.ledger import write_ledger
 from swarmrl.trainer.optimizers import Publication, make_optimizer
 from swarmrl.trainer.progress import Progress
 from swarmrl.trainer.publish import WeightPublisher
@@ -68,14 +69,14 @@ def train(
     tasks = load_tasks(config.data, config.eval.heldout_size)
     rewards = [(r.function, load_reward_function(r.function), r.weight) for r in config.rewards]
     leases = LeaseBook(config.data.seed, config.swarm.lease_timeout_s)
-    checkpoints = run_folder / "checkpoints"
-    step, history = 0, {}
+    ckpt_dir = run_folder / "checkpoints"
+    step, history, saved_step = 0, {}, None
     if resume:
-        state = load_latest(checkpoints, model, optimizer)
+        state = load_latest(ckpt_dir, model, optimizer)
         if state is None:
-            log.warning("--resume: no readable checkpoint in %s; starting fresh", checkpoints)
+            log.warning("--resume: no readable checkpoint in %s; starting fresh", ckpt_dir)
         else:
-            step, history = state["step"], state["history"]
+            step, history, saved_step = state["step"], state["history"], state["step"]
             leases.restore(state["leases"])
 
     # ---- the starting point, measured before any worker competes for the machine ---------
@@ -116,7 +117,10 @@ def train(
                 progress.update(step, None, server.worker_table())
                 continue
             step_started = time.monotonic()
-            stats = train_step(model, optimizer, batch, config, tokenizer.pad_token_id, reference)
+            stats, mismatches = train_step(
+                model, optimizer, batch, config, tokenizer.pad_token_id, reference, version=step
+            )
+            server.report_logprob_mismatches(mismatches)
             step += 1
             publish_started = time.monotonic()
             published = publication.published(step)
@@ -126,6 +130,7 @@ def train(
                 published.keyframe if published.delta is None else published.delta.payload
             )
             scored, workers = server.take_rewards(), server.worker_table()
+            write_ledger(run_folder, workers)
             reward = sum(scored) / len(scored) if scored else float("nan")
             now = time.monotonic()
             stats.update(
@@ -144,9 +149,13 @@ def train(
                 step, reward, stats["loss"], stats["grad_norm"], stats["completion_length"],
                 stats["policy_lag"], stats["step_seconds"], stats["train_seconds"],
             )  # fmt: skip
+            log.debug(
+                "step %d trained on %s", step, ",".join(prompt_id(g.prompt_index) for g in batch)
+            )
             every = config.checkpoint.every_steps
             if every and step % every == 0:
-                save(checkpoints, step, model, tokenizer, optimizer, server, history, config)
+                saved = save(ckpt_dir, step, model, tokenizer, optimizer, server, history, config)
+                saved_step = step if saved else saved_step
     finally:
         stop.restore()
         progress.close()
@@ -154,14 +163,16 @@ def train(
         server.stop()
     if stop:
         log.warning("stopped by Ctrl-C at step %d", step)
-    final = save(checkpoints, step, model, tokenizer, optimizer, server, history, config)
+    if step != saved_step:  # else nothing was trained since: that checkpoint is the final one
+        save(ckpt_dir, step, model, tokenizer, optimizer, server, history, config)
+    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None
     if config.eval.after and not stop:
         torch.set_num_threads(all_threads)  # the workers have nothing to do any more
         history["after"] = run_eval(model, tokenizer, tasks, config, metrics, step)
     metrics.close()
     return {
         "steps": step,
-        "checkpoint": str(final),
+        "checkpoint": None if final is None else str(final),
         "workers": workers,
         "interrupted": bool(stop),
         **history,
@@ -215,8 +226,19 @@ def run_eval(
 def save(
     folder: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, server: SwarmServer,
     history: dict, config: Config,
-) -> Path:  # fmt: skip
+) -> bool:  # fmt: skip
+    """Checkpoint this step. A failed write (a full disk) is logged and training goes on: the
+    save left every earlier checkpoint as it was, and the next one may succeed."""
     state = {"leases": server.lease_state(), "history": history}
-    path = save_checkpoint(folder, step, model, tokenizer, optimizer, state, config.checkpoint.keep)
+    try:
+        path = save_checkpoint(
+            folder, step, model, tokenizer, optimizer, state, config.checkpoint.keep
+        )
+    except CheckpointError as error:
+        kept = checkpoints(folder)
+        log.error(
+            "%s; the newest checkpoint is still %s", error, kept[-1] if kept else "(none yet)"
+        )
+        return False
     log.info("checkpoint saved: %s", path)
-    return path
+    return True

@@ -2,10 +2,13 @@
 
 It answers hello with the run spec, sends newer weights to a worker before its next lease,
 leases prompts (pull-based: a worker asks when it is free, so fast workers ask often and slow
-ones rarely), checks and scores submissions, and puts scored groups in the buffer the training
-thread reads. It never waits for a worker: a silent worker's leases expire and are leased again.
-The training thread talks to it only through `weights` (a WeightPublisher), `next_batch`,
-`take_rewards` and `worker_table`.
+ones rarely), hands submissions to the intake (checks, scoring) and puts scored groups in the
+buffer the training thread reads. It never waits for a worker: a silent worker's leases expire
+and are leased again. Every worker is untrusted: each message is rate-limited and size-checked
+before it is decoded (limits.py), every refusal is charged in the ledger (ledger.py), and a
+quarantined worker gets no more leases. The training thread talks to it only through `weights`
+(a WeightPublisher), `next_batch`, `take_rewards`, `report_logprob_mismatches` and
+`worker_table`.
 """
 
 from __future__ import annotations
@@ -13,35 +16,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from swarmrl.config import Config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import ProtocolError, decode
 from swarmrl.protocol.transport import bound_endpoint, make_router, recv_from, send_to
-from swarmrl.rewards import score_completions
 from swarmrl.trainer.buffer import GroupBuffer, ScoredGroup
-from swarmrl.trainer.data import prompt_text, prompt_token_ids
-from swarmrl.trainer.leases import LeaseBook, LeaseError, OpenLease, prompt_id
+from swarmrl.trainer.intake import Intake
+from swarmrl.trainer.leases import LeaseBook, LeaseError, prompt_id
+from swarmrl.trainer.ledger import Ledger, WorkerRecord
+from swarmrl.trainer.limits import Gate
 from swarmrl.trainer.publish import WeightPublisher
-from swarmrl.trainer.verify import SubmissionError, check_submission
+from swarmrl.trainer.verify import LogprobMismatch, SubmissionError
 
 log = logging.getLogger("trainer")
 
-
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    backend: str = ""
-    max_prompts: int = 1
-    last_seen: float = 0.0
-    weights_version: int = -1
-    accepted_groups: int = 0
-    accepted_samples: int = 0
-    rejected: int = 0
-    connected: bool = True
-    reject_reasons: dict[str, int] = field(default_factory=dict)
+QUARANTINED = "this worker sent too many results that failed the trainer's checks"
 
 
 class SwarmServer:
@@ -58,15 +49,12 @@ class SwarmServer:
         import zmq
 
         self.config = config
-        self.tokenizer = tokenizer
-        self.tasks = tasks
-        self.reward_functions = reward_functions
+        self.intake = Intake(config, tokenizer, tasks, reward_functions)
         self.leases = leases
         self.buffer = GroupBuffer()
         self.run_id = run_id
         self.workers: dict[bytes, WorkerRecord] = {}  # connected, by ZeroMQ identity
-        self.ledger: dict[str, WorkerRecord] = {}  # every worker ever seen, by worker id
-        self.reward_log: list[float] = []  # every scored sample's reward since the last snapshot
+        self.ledger = Ledger(config.swarm)  # every worker ever seen, by worker id
         self.weights = weights
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -76,9 +64,8 @@ class SwarmServer:
             allow_keys=config.swarm.allow_keys, trainer_key=config.swarm.trainer_key,
         )  # fmt: skip
         self.endpoint = bound_endpoint(self._socket)
+        self.gate = Gate(config, tokenizer)
         self._thread = threading.Thread(target=self._serve, name="swarm-server", daemon=True)
-        self._names = 0
-        self._prompt_cache: dict[int, tuple[str, list[int]]] = {}
 
     # ---- called from the training thread -------------------------------------------------
 
@@ -112,20 +99,26 @@ class SwarmServer:
     def take_rewards(self) -> list[float]:
         """Rewards of every sample scored since the last call."""
         with self._lock:
-            rewards, self.reward_log = self.reward_log, []
-            return rewards
+            return self.intake.take_rewards()
+
+    def report_logprob_mismatches(self, mismatches: list[LogprobMismatch]) -> None:
+        """Charge the workers whose sequences the training step masked out of the loss."""
+        by_worker: dict[str, list[LogprobMismatch]] = {}
+        for mismatch in mismatches:
+            by_worker.setdefault(mismatch.worker_id, []).append(mismatch)
+        with self._lock:
+            for worker_id, failed in by_worker.items():
+                log.warning(
+                    "%s: %d sequences failed the log-prob check (mean |gap| up to %.3g); "
+                    "masked out of the loss",
+                    worker_id, len(failed), max(f.mean_gap for f in failed),
+                )  # fmt: skip
+                self._charge(self.ledger.records[worker_id], "logprob_mismatch", len(failed))
 
     def worker_table(self) -> dict[str, dict[str, Any]]:
+        """The ledger: every worker's counts, throughput and state, as plain data."""
         with self._lock:
-            return {
-                w.worker_id: {
-                    "samples": w.accepted_samples,
-                    "rejected": w.rejected,
-                    "connected": w.connected,
-                    "reasons": dict(w.reject_reasons),
-                }
-                for w in self.ledger.values()
-            }
+            return self.ledger.table(time.monotonic())
 
     def lease_state(self) -> dict:
         """The prompt stream's position, for a checkpoint; buffered groups count as owed."""
@@ -149,7 +142,7 @@ class SwarmServer:
                 if received is not None:
                     identity, frames = received
                     try:
-                        self._handle(identity, frames, now)
+                        self._receive(identity, frames, now)
                     except Exception:  # one bad message must not take the swarm down
                         log.exception("error handling a message from %s", identity.hex()[:8])
                         self._refuse(identity, None, "internal", "the trainer failed on this")
@@ -165,22 +158,39 @@ class SwarmServer:
         detail = detail[: m.MAX_REASON_CHARS]
         self._send(identity, m.Reject(lease_id=lease_id, reason=reason, detail=detail))
 
+    def _receive(self, identity: bytes, frames: list, now: float) -> None:
+        """Refuse what costs nothing to refuse before decoding; handle the rest."""
+        worker = self.workers.get(identity)
+        may_submit = worker is not None and not worker.quarantined and self._open_leases(worker)
+        size = sum(len(frame) for frame in frames)
+        refusal = self.gate.refusal(identity, size, bool(may_submit), now)
+        if refusal is None:
+            self._handle(identity, frames, now)
+            return
+        if worker is not None:
+            self._charge(worker, refusal[0])
+        self._refuse(identity, None, *refusal)
+
     def _handle(self, identity: bytes, frames: list, now: float) -> None:
+        worker = self.workers.get(identity)
         try:
             message, _ = decode(frames, max_blobs=0)
         except ProtocolError as error:
             log.warning("malformed message from %s: %s", identity.hex()[:8], error)
+            if worker is not None:
+                self._charge(worker, error.reason)
             self._refuse(identity, None, error.reason, str(error))
             return
         if isinstance(message, m.Hello):
             self._hello(identity, message, now)
             return
-        worker = self.workers.get(identity)
         if worker is None:
             self._refuse(identity, None, "unknown_worker", "send hello first")
             return
         worker.last_seen = now
-        if isinstance(message, m.WorkRequest):
+        if worker.quarantined and isinstance(message, m.WorkRequest | m.Submission):
+            self._refuse(identity, getattr(message, "lease_id", None), "quarantined", QUARANTINED)
+        elif isinstance(message, m.WorkRequest):
             self._work(identity, worker, message, now)
         elif isinstance(message, m.Submission):
             self._submission(identity, worker, message, now)
@@ -190,6 +200,7 @@ class SwarmServer:
         elif isinstance(message, m.Bye):
             self._drop(identity, f"said bye ({message.reason})")
         else:
+            self._charge(worker, "unexpected")
             self._refuse(identity, None, "unexpected", f"a worker does not send {message.type}")
 
     def _hello(self, identity: bytes, hello: m.Hello, now: float) -> None:
@@ -202,22 +213,13 @@ class SwarmServer:
         if identity in self.workers:  # a reconnect: its old leases are void
             self._drop(identity, "reconnected")
         connected = {w.worker_id for w in self.workers.values()}
-        name = hello.worker_name[:100] or "worker"  # room for a -N suffix within the id limit
-        worker_id = name
-        while worker_id in connected:
-            self._names += 1
-            worker_id = f"{name}-{self._names}"
-        record = self.ledger.setdefault(worker_id, WorkerRecord(worker_id=worker_id))
+        record = self.ledger.join(self.ledger.new_id(hello.worker_name, connected), now)
         record.backend, record.max_prompts = hello.backend, hello.max_prompts_per_lease
-        record.last_seen, record.weights_version = now, hello.weights_version
-        record.connected = True
+        record.weights_version = hello.weights_version
         self.workers[identity] = record
-        log.info(
-            "%s joined (%s backend, up to %d prompts per lease)",
-            worker_id,
-            hello.backend,
-            hello.max_prompts_per_lease,
-        )
+        worker_id = record.worker_id
+        log.info("%s joined (%s backend, up to %d prompts per lease)",
+                 worker_id, hello.backend, hello.max_prompts_per_lease)  # fmt: skip
         c = self.config
         self._send(
             identity,
@@ -251,6 +253,12 @@ class SwarmServer:
             for update, payload in updates:
                 self._send(identity, update, payload)
             return
+        held = self._open_leases(worker)
+        if held >= self.config.swarm.max_open_leases:
+            self._charge(worker, "too_many_leases")
+            detail = f"{held} leases open (at most {self.config.swarm.max_open_leases})"
+            self._refuse(identity, None, "too_many_leases", detail)
+            return
         # Lease only what can still be trained on: the groups of the step in progress are out
         # of the buffer, so `max_staleness` more steps' worth is the most that stays fresh.
         trainer = self.config.trainer
@@ -262,15 +270,11 @@ class SwarmServer:
             return
         lease = self.leases.issue(worker.worker_id, min(count, room), self.version, now)
         prompts = [
-            m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self._prompt(i)[1], seed=seed)
+            m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self.intake.prompt(i)[1], seed=seed)
             for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)
         ]
-        log.debug(
-            "lease %s (%s) leased to %s",
-            lease.lease_id,
-            ",".join(p.prompt_id for p in prompts),
-            worker.worker_id,
-        )
+        leased = ",".join(p.prompt_id for p in prompts)
+        log.debug("lease %s (%s) leased to %s", lease.lease_id, leased, worker.worker_id)
         self._send(
             identity,
             m.Lease(
@@ -282,90 +286,67 @@ class SwarmServer:
             ),
         )
 
-    def _prompt(self, index: int) -> tuple[str, list[int]]:
-        cached = self._prompt_cache.get(index)
-        if cached is None:
-            text = prompt_text(self.config.data, self.tokenizer, self.tasks.train(index).question)
-            cached = (text, prompt_token_ids(self.config.data, self.tokenizer, text))
-            self._prompt_cache[index] = cached
-        return cached
+    def _open_leases(self, worker: WorkerRecord) -> int:
+        return sum(lease.worker_id == worker.worker_id for lease in self.leases.open.values())
 
     def _submission(
         self, identity: bytes, worker: WorkerRecord, sub: m.Submission, now: float
     ) -> None:
+        samples = sum(len(group.completions) for group in sub.groups)
         try:
+            self.intake.replays.check_lease(sub.lease_id)
             lease = self.leases.close(sub.lease_id, worker.worker_id, now)
-        except LeaseError as error:
-            self._reject(identity, worker, sub.lease_id, error.reason, error.detail)
+        except (SubmissionError, LeaseError) as error:
+            self._reject(identity, worker, sub.lease_id, samples, error)
             return
         try:
-            texts = check_submission(sub, lease, self.config, self.version, self.tokenizer)
-            groups = self._score(lease, sub, texts, worker.worker_id)
+            groups = self.intake.admit(sub, lease, self.version, worker.worker_id)
         except SubmissionError as error:
             self.leases.requeue(lease.prompt_indices)
-            self._reject(identity, worker, sub.lease_id, error.reason, error.detail)
+            self._reject(identity, worker, sub.lease_id, samples, error)
             return
         except Exception:
             self.leases.requeue(lease.prompt_indices)  # the lease is closed: keep its prompts
             raise
-        useful = 0
-        for group in groups:
-            self._prompt_cache.pop(group.prompt_index, None)
-            if group.has_signal():
-                self.buffer.put(group)
-                useful += 1
-        samples = sum(len(g.rewards) for g in groups)
-        worker.accepted_groups += len(groups)
-        worker.accepted_samples += samples
+        useful = [group for group in groups if group.has_signal()]
+        for group in useful:
+            self.buffer.put(group)
+        self.ledger.accept(worker, samples)
         self._send(identity, m.Accept(lease_id=sub.lease_id, accepted_groups=len(groups)))
         log.debug(
             "lease %s (%s) accepted from %s: %d samples, %d/%d groups with reward spread",
-            sub.lease_id,
-            ",".join(g.prompt_id for g in sub.groups),
-            worker.worker_id,
-            samples,
-            useful,
-            len(groups),
-        )
-
-    def _score(
-        self, lease: OpenLease, sub: m.Submission, texts: list[list[str]], worker_id: str
-    ) -> list[ScoredGroup]:
-        prompts, completions, columns = [], [], {"answer": []}
-        for index, group_texts in zip(lease.prompt_indices, texts, strict=True):
-            task = self.tasks.train(index)
-            for text in group_texts:
-                prompts.append(self._prompt(index)[0])
-                completions.append(text)
-                columns["answer"].append(task.answer)
-                for key, value in task.columns.items():
-                    columns.setdefault(key, []).append(value)
-        columns["completion_ids"] = [c.token_ids for g in sub.groups for c in g.completions]
-        scores = score_completions(self.reward_functions, prompts, completions, columns)
-        self.reward_log.extend(scores.total)
-        size = self.config.sampling.num_generations
-        groups = []
-        for k, (index, group) in enumerate(zip(lease.prompt_indices, sub.groups, strict=True)):
-            groups.append(
-                ScoredGroup(
-                    prompt_index=index,
-                    prompt_token_ids=self._prompt(index)[1],
-                    completion_token_ids=[c.token_ids for c in group.completions],
-                    behavior_logprobs=[c.logprobs for c in group.completions],
-                    rewards=scores.total[k * size : (k + 1) * size],
-                    worker_id=worker_id,
-                    policy_version=sub.policy_version,
-                )
-            )
-        return groups
+            sub.lease_id, ",".join(g.prompt_id for g in sub.groups), worker.worker_id,
+            samples, len(useful), len(groups),
+        )  # fmt: skip
 
     def _reject(
-        self, identity: bytes, worker: WorkerRecord, lease_id: str, reason: str, detail: str
+        self,
+        identity: bytes,
+        worker: WorkerRecord,
+        lease_id: str,
+        samples: int,
+        error: SubmissionError | LeaseError,
     ) -> None:
-        worker.rejected += 1
-        worker.reject_reasons[reason] = worker.reject_reasons.get(reason, 0) + 1
-        log.warning("%s: lease %s rejected: %s (%s)", worker.worker_id, lease_id, reason, detail)
-        self._refuse(identity, lease_id, reason, detail)
+        log.warning(
+            "%s: lease %s rejected: %s (%s)", worker.worker_id, lease_id, error.reason, error.detail
+        )
+        self._charge(worker, error.reason, samples)
+        self._refuse(identity, lease_id, error.reason, error.detail)
+
+    def _charge(self, worker: WorkerRecord, reason: str, samples: int = 1) -> None:
+        """Count a refusal in the ledger; stop leasing to a worker it puts in quarantine."""
+        if not self.ledger.reject(worker, reason, samples):
+            return
+        lost = self.leases.expire_worker(worker.worker_id)
+        dropped = self.buffer.drop_worker(worker.worker_id)
+        self.leases.requeue([group.prompt_index for group in dropped])
+        log.warning(
+            "%s quarantined: %d of its samples were rejected for cause (%s); its %d open "
+            "leases and %d buffered groups go back in the queue and it gets no more",
+            worker.worker_id, worker.faults,
+            ", ".join(f"{r} {n}" for r, n in sorted(worker.reasons.items())),
+            len(lost), len(dropped),
+        )  # fmt: skip
 
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)
@@ -380,6 +361,7 @@ class SwarmServer:
         timeout = self.config.swarm.heartbeat_timeout_s
         for identity in [i for i, w in self.workers.items() if now - w.last_seen > timeout]:
             self._drop(identity, f"silent for more than {timeout:.0f}s")
+        self.gate.limiter.forget_idle(now)
         for lease in self.leases.expire_due(now):
             log.info(
                 "lease %s of %s expired; %d prompts leased again",

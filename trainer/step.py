@@ -4,8 +4,11 @@ Sequences are sorted by length and cut into micro-batches, so padding stays smal
 shorten; every micro-batch is normalised against the whole step (see `aggregate_loss`), so the
 gradient equals one pass over the full batch. Prompts are left-padded and completions
 right-padded, so all completions start at the same column and only those logits are kept.
-The forward pass also yields the trainer's own log-probs of every sampled token: the gap to the
-worker's reported log-probs is measured here for free (see `behavior_logprob_gap`).
+The forward pass also yields the trainer's own log-probs of every sampled token: they are
+compared with the worker's reported ones for free (verify.logprob_verdict), and a sequence that
+fails is masked out of the loss before backward and returned as a LogprobMismatch.
+`train_step` is built from pieces (`step_sequences`, `accumulate_gradients`, `apply_gradients`)
+that the sharded trainer (distributed.py) runs with each rank holding part of the step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from swarmrl.trainer.grpo import (
     per_token_loss,
     sequence_logprobs_from_logits,
 )
+from swarmrl.trainer.verify import LogprobBand, LogprobMismatch, logprob_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -35,9 +39,12 @@ class Sequence:
     completion: list[int]
     behavior_logprobs: list[float]
     advantage: float
+    worker_id: str = ""
+    prompt_index: int = -1
+    lag: int = 0  # trainer version minus the version it was sampled with
 
 
-def flatten(groups: list[ScoredGroup], config: Config) -> list[Sequence]:
+def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Sequence]:
     import torch
 
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
@@ -46,7 +53,12 @@ def flatten(groups: list[ScoredGroup], config: Config) -> list[Sequence]:
     sequences, k = [], 0
     for group in groups:
         for ids, logprobs in zip(group.completion_token_ids, group.behavior_logprobs, strict=True):
-            sequences.append(Sequence(group.prompt_token_ids, ids, logprobs, advantages[k]))
+            sequences.append(
+                Sequence(
+                    group.prompt_token_ids, ids, logprobs, advantages[k],
+                    group.worker_id, group.prompt_index, version - group.policy_version,
+                )
+            )  # fmt: skip
             k += 1
     return sequences
 
@@ -89,6 +101,7 @@ def pad_batch(sequences: list[Sequence], pad_id: int, device: Any) -> dict[str, 
         "mask": torch.tensor(mask, device=device),
         "behavior_logprobs": torch.tensor(behavior, device=device),
         "advantages": torch.tensor([s.advantage for s in sequences], device=device),
+        "lags": torch.tensor([s.lag for s in sequences], device=device),
     }
 
 
@@ -111,24 +124,65 @@ def train_step(
     config: Config,
     pad_id: int,
     reference: Any | None = None,
-) -> dict[str, float]:
-    import torch
+    *,
+    version: int,
+) -> tuple[dict[str, float], list[LogprobMismatch]]:
+    """One step with the weights of `version`; returns its stats and the sequences that failed
+    the log-prob check (masked out of the loss)."""
+    sequences = step_sequences(groups, config, version)
+    normaliser = step_normaliser(sequences)
+    size = config.trainer.micro_batch_size
+    chunks = [sequences[start : start + size] for start in range(0, len(sequences), size)]
+    model.train()
+    totals, mismatches = accumulate_gradients(model, chunks, normaliser, config, pad_id, reference)
+    totals["grad_norm"] = apply_gradients(model, optimizer, config)
+    model.eval()
+    return {**totals, **step_summary(sequences, normaliser)}, mismatches
 
-    sequences = sorted(flatten(groups, config), key=lambda s: len(s.prompt) + len(s.completion))
-    normaliser = BatchNormaliser(
+
+def step_sequences(groups: list[ScoredGroup], config: Config, version: int) -> list[Sequence]:
+    """The step's sequences with their group advantages, shortest first (little padding)."""
+    return sorted(flatten(groups, config, version), key=lambda s: len(s.prompt) + len(s.completion))
+
+
+def step_normaliser(sequences: list[Sequence]) -> BatchNormaliser:
+    """Whole-step counts: each micro-batch's loss is divided by these, wherever it runs."""
+    return BatchNormaliser(
         num_sequences=len(sequences), num_tokens=sum(len(s.completion) for s in sequences)
     )
+
+
+def accumulate_gradients(
+    model: Any,
+    micro_batches: list[list[Sequence]],
+    normaliser: BatchNormaliser,
+    config: Config,
+    pad_id: int,
+    reference: Any | None = None,
+) -> tuple[dict[str, float], list[LogprobMismatch]]:
+    """Forward and backward each micro-batch; return its loss and stats summed over them, and
+    the sequences that failed the log-prob check.
+
+    Stats are weighted by each micro-batch's share of `normaliser.num_tokens`, so summing the
+    result of several calls (several ranks holding parts of one step) gives the step's values.
+    A sequence that fails the check still counts in `normaliser`: a step with rejects is
+    proportionally smaller.
+    """
+    import torch
+
     settings = loss_config(config)
     temperature = config.sampling.temperature
     device = next(model.parameters()).device
-    size = config.trainer.micro_batch_size
-    totals: dict[str, float] = {}
-    model.train()
-    for start in range(0, len(sequences), size):
-        chunk = sequences[start : start + size]
+    band = LogprobBand.from_config(config)
+    totals: dict[str, float] = {"logprob_rejected": 0.0}
+    mismatches: list[LogprobMismatch] = []
+    for chunk in micro_batches:
         batch = pad_batch(chunk, pad_id, device)
         logits = completion_logits(model, batch)
         logprobs = sequence_logprobs_from_logits(logits, batch["completion_ids"], temperature)
+        failed = mask_logprob_mismatches(chunk, logprobs, batch, band)
+        mismatches += failed
+        totals["logprob_rejected"] += len(failed)
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad():
@@ -155,12 +209,41 @@ def train_step(
         totals["loss"] = totals.get("loss", 0.0) + loss.item()
         for name, value in stats.items():
             totals[name] = totals.get(name, 0.0) + float(value) * weight
+    return totals, mismatches
+
+
+def mask_logprob_mismatches(
+    chunk: list[Sequence], logprobs: torch.Tensor, batch: dict[str, torch.Tensor], band: LogprobBand
+) -> list[LogprobMismatch]:
+    """Zero the loss mask of every sequence whose reported log-probs fail the check; return them."""
+    verdict = logprob_verdict(
+        logprobs, batch["behavior_logprobs"], batch["mask"], batch["lags"], band
+    )
+    batch["mask"] = batch["mask"] * (~verdict.failed).unsqueeze(1)
+    return [
+        LogprobMismatch(
+            chunk[row].worker_id, chunk[row].prompt_index, chunk[row].lag,
+            float(verdict.mean_gap[row]), float(verdict.max_gap[row]),
+        )
+        for row in verdict.failed.nonzero().flatten().tolist()
+    ]  # fmt: skip
+
+
+def apply_gradients(model: Any, optimizer: Any, config: Config) -> float:
+    """Clip the accumulated gradients, step the optimizer, clear them; return the grad norm."""
+    import torch
+
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.trainer.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    totals["grad_norm"] = float(grad_norm)
-    totals["sequences"] = float(len(sequences))
-    totals["completion_tokens"] = float(normaliser.num_tokens)
-    totals["completion_length"] = normaliser.num_tokens / max(len(sequences), 1)
-    return totals
+    # Under FSDP the norm is a DTensor (already reduced over the ranks): take its full value.
+    full = getattr(grad_norm, "full_tensor", None)
+    return float(full() if full is not None else grad_norm)
+
+
+def step_summary(sequences: list[Sequence], normaliser: BatchNormaliser) -> dict[str, float]:
+    return {
+        "sequences": float(len(sequences)),
+        "completion_tokens": float(normaliser.num_tokens),
+        "completion_length": normaliser.num_tokens / max(len(sequences), 1),
+    }
