@@ -63,7 +63,7 @@ def test_worker_logprobs_match_the_trainers_recompute(backend) -> None:
         for i, (p, group) in enumerate(zip(batch_prompts, samples, strict=True))
     ]
     config = Config.model_validate({"sampling": {"num_generations": 3}})
-    batch = pad_batch(flatten(groups, config), backend.tokenizer.pad_token_id, "cpu")
+    batch = pad_batch(flatten(groups, config, version=0), backend.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         logits = completion_logits(backend.model, batch)
         trainer_logprobs = sequence_logprobs_from_logits(logits, batch["completion_ids"], 1.0)
