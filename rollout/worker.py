@@ -205,8 +205,8 @@ class Worker:
             self.trainer_version = message.weights_version
         elif isinstance(message, m.Bye):
             raise TrainerGone(f"trainer said bye ({message.reason})")
-        elif isinstance(message, m.Reject) and message.reason == "bad_version":
-            raise SystemExit(f"trainer refused this worker: {message.detail}")
+        elif isinstance(message, m.Reject) and message.reason in ("bad_version", "quarantined"):
+            raise SystemExit(f"trainer refused this worker ({message.reason}): {message.detail}")
         elif isinstance(message, m.Reject) and message.reason == "unknown_worker":
             raise TrainerGone("the trainer does not know this worker (it restarted?)")
         elif isinstance(message, (m.Accept, m.Reject)) and message.lease_id in self.submitted:
