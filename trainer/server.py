@@ -268,7 +268,9 @@ class SwarmServer:
         if room <= 0:
             self._send(identity, m.NoWork(reason="enough work is out", retry_after_s=0.5))
             return
-        lease = self.leases.issue(worker.worker_id, min(count, room), self.version, now)
+        # The version catch_up found current: a publish since then must not move this lease
+        # past the weights the worker holds.
+        lease = self.leases.issue(worker.worker_id, min(count, room), request.weights_version, now)
         prompts = [
             m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self.intake.prompt(i)[1], seed=seed)
             for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)
