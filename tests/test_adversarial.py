@@ -327,6 +327,27 @@ def test_open_leases_per_worker_are_bounded(
     assert not server.worker_table()["hoarder"]["quarantined"]  # bounded, not a fault
 
 
+def test_a_worker_asking_ahead_waits_while_an_idle_one_has_no_lease(
+    swarm: Callable[..., SwarmServer], context: zmq.Context, tokenizer: Any
+) -> None:
+    """Room for 2 prompts. An early asker (holding a lease, asking for the next) must not take
+    the room a submission frees while an idle worker is waiting for it."""
+    server = swarm()
+    early = Peer(context, server.endpoint)
+    early.hello("early")
+    first = early.lease()
+    early.lease()  # nobody is waiting yet: asking ahead is fine
+    idle = Peer(context, server.endpoint)
+    idle.hello("idle")
+    full = idle.ask()
+    assert isinstance(full, m.NoWork) and full.reason == "enough work is out", full
+    wrong = [completion(tokenizer, "-1"), completion(tokenizer, "-2")]
+    assert isinstance(early.submit(submission(first, wrong)), m.Accept)  # frees one prompt
+    behind = early.ask()
+    assert isinstance(behind, m.NoWork) and behind.reason == "an idle worker goes first", behind
+    assert isinstance(idle.ask(), m.Lease)
+
+
 def test_garbage_and_lies_quarantine_a_worker_and_its_leases_go_back(
     swarm: Callable[..., SwarmServer], context: zmq.Context, tokenizer: Any
 ) -> None:

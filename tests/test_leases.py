@@ -35,7 +35,7 @@ def test_fresh_leases_take_consecutive_indices() -> None:
     assert second.seeds == [23757, 31676]
     assert second.deadline == 111.0
     assert leases.next_index == 5
-    assert leases.outstanding_prompts() == 5
+    assert leases.outstanding == 5
 
 
 def test_seeds_depend_on_the_run_seed() -> None:
@@ -50,7 +50,7 @@ def test_close_returns_the_lease_and_frees_it() -> None:
     lease = leases.issue("w1", 2, 0, now=0.0)
     assert leases.close(lease.lease_id, "w1", now=10.0) is lease  # deadline itself is in time
     assert leases.open == {}
-    assert leases.outstanding_prompts() == 0
+    assert leases.outstanding == 0
     with pytest.raises(LeaseError) as caught:
         leases.close(lease.lease_id, "w1", now=10.0)
     assert caught.value.reason == "unknown_lease"
@@ -117,7 +117,7 @@ def test_expire_due_only_takes_leases_past_their_deadline() -> None:
     assert leases.expire_due(now=10.0) == []
     assert leases.expire_due(now=12.0) == [early]
     assert list(leases.open) == [late.lease_id]
-    assert leases.outstanding_prompts() == 1
+    assert leases.outstanding == 1
     reissued = leases.issue("w3", 3, 1, now=12.0)
     assert reissued.prompt_indices == [0, 1, 3]
     assert reissued.seeds == [1, 7920, 23757]
@@ -169,7 +169,7 @@ def test_state_restore_round_trip_owes_open_lease_prompts() -> None:
     restored = book(seed=0)
     restored.restore(state)
     assert restored.open == {}
-    assert restored.outstanding_prompts() == 0
+    assert restored.outstanding == 0
     lease = restored.issue("w9", 5, 2, now=50.0)
     assert lease.prompt_indices == [0, 1, 3, 4, 5]
     # attempt 1 for 0, 1 and 3 (new seeds, not their first-issue seeds 0 and 7919); 4, 5 fresh
@@ -184,13 +184,26 @@ def test_restore_clears_open_leases() -> None:
     assert leases.issue("w1", 1, 0, now=0.0).prompt_indices == [7]
 
 
-def test_outstanding_prompts_counts_open_leases_only() -> None:
+def test_outstanding_counts_open_leases_only() -> None:
     leases = book()
-    assert leases.outstanding_prompts() == 0
+    assert leases.outstanding == 0
     leases.issue("w1", 3, 0, now=0.0)
     leases.issue("w2", 2, 0, now=0.0)
-    assert leases.outstanding_prompts() == 5
+    assert leases.outstanding == 5
     leases.close("L1", "w1", now=1.0)
-    assert leases.outstanding_prompts() == 2
+    assert leases.outstanding == 2
     leases.expire_worker("w2")
-    assert leases.outstanding_prompts() == 0
+    assert leases.outstanding == 0
+
+
+def test_held_counts_each_workers_open_leases() -> None:
+    leases = book(seed=0)
+    first = leases.issue("w1", 1, 0, now=0.0)
+    leases.issue("w1", 2, 0, now=1.0)
+    leases.issue("w2", 1, 0, now=2.0)
+    assert (leases.held("w1"), leases.held("w2"), leases.held("w3")) == (2, 1, 0)
+    leases.close(first.lease_id, "w1", now=3.0)
+    assert leases.held("w1") == 1
+    assert [lease.worker_id for lease in leases.expire_worker("w1")] == ["w1"]
+    assert (leases.held("w1"), leases.outstanding) == (0, 1)
+    assert leases.by_worker == {"w2": {"L3": leases.open["L3"]}}

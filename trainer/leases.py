@@ -6,6 +6,10 @@ ways: the worker submits it (closed), the worker goes silent or the deadline pas
 or the submission is rejected. Expired and rejected prompts go to the front of the queue and are
 leased again, so no prompt is lost; `state()`/`restore()` carry this across a trainer restart.
 Pure bookkeeping with the clock passed in, so it is unit-tested without sockets or sleeps.
+
+Every operation a message triggers is O(1) in the number of workers and open leases: counts are
+kept as leases open and close, and since every lease gets the same timeout from a clock that
+never goes back, open leases sit in deadline order and expiry reads only the due ones.
 """
 
 from __future__ import annotations
@@ -45,14 +49,17 @@ class LeaseBook:
         self.lease_timeout_s = lease_timeout_s
         self.next_index = 0
         self.requeued: deque[int] = deque()
-        self.open: dict[str, OpenLease] = {}
+        self.open: dict[str, OpenLease] = {}  # in deadline order
+        self.by_worker: dict[str, dict[str, OpenLease]] = {}
+        self.outstanding = 0  # prompts in open leases
         self.attempts: dict[int, int] = {}  # only prompts that were re-queued
         self._ids = itertools.count(1)
         # Lease ids differ between trainer restarts, so a pre-restart lease never matches.
         self._prefix = f"L{secrets.token_hex(3)}-" if id_prefix is None else id_prefix
 
-    def outstanding_prompts(self) -> int:
-        return sum(len(lease.prompt_indices) for lease in self.open.values())
+    def held(self, worker_id: str) -> int:
+        """How many leases `worker_id` has open."""
+        return len(self.by_worker.get(worker_id, ()))
 
     def issue(self, worker_id: str, count: int, policy_version: int, now: float) -> OpenLease:
         indices = []
@@ -72,6 +79,8 @@ class LeaseBook:
             deadline=now + self.lease_timeout_s,
         )
         self.open[lease.lease_id] = lease
+        self.by_worker.setdefault(worker_id, {})[lease.lease_id] = lease
+        self.outstanding += count
         return lease
 
     def _seed(self, index: int) -> int:
@@ -89,8 +98,16 @@ class LeaseBook:
         if now > lease.deadline:
             self._expire([lease])
             raise LeaseError("lease_expired", f"lease {lease_id} passed its deadline")
-        del self.open[lease_id]
+        self._remove(lease)
         return lease
+
+    def _remove(self, lease: OpenLease) -> None:
+        del self.open[lease.lease_id]
+        held = self.by_worker[lease.worker_id]
+        del held[lease.lease_id]
+        if not held:
+            del self.by_worker[lease.worker_id]
+        self.outstanding -= len(lease.prompt_indices)
 
     def requeue(self, indices: list[int]) -> None:
         """Put prompts back at the front of the stream (rejected or stale results)."""
@@ -99,15 +116,16 @@ class LeaseBook:
             self.attempts[index] = self.attempts.get(index, 0) + 1
 
     def expire_due(self, now: float) -> list[OpenLease]:
-        return self._expire([lease for lease in self.open.values() if now > lease.deadline])
+        due = list(itertools.takewhile(lambda lease: now > lease.deadline, self.open.values()))
+        return self._expire(due)
 
     def expire_worker(self, worker_id: str) -> list[OpenLease]:
-        return self._expire([lease for lease in self.open.values() if lease.worker_id == worker_id])
+        return self._expire(list(self.by_worker.get(worker_id, {}).values()))
 
     def _expire(self, leases: list[OpenLease]) -> list[OpenLease]:
         """Close these leases and put their prompts back, oldest prompt first."""
         for lease in leases:
-            del self.open[lease.lease_id]
+            self._remove(lease)
         self.requeue(sorted(i for lease in leases for i in lease.prompt_indices))
         return leases
 
@@ -128,3 +146,5 @@ class LeaseBook:
         self.requeued = deque(int(i) for i in state["requeued"])
         self.attempts = {int(k): int(v) for k, v in state["attempts"].items()}
         self.open.clear()
+        self.by_worker.clear()
+        self.outstanding = 0

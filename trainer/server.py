@@ -6,13 +6,17 @@ ones rarely), hands submissions to the intake (checks, scoring) and puts scored 
 buffer the training thread reads. It never waits for a worker: a silent worker's leases expire
 and are leased again. Every worker is untrusted: each message is rate-limited and size-checked
 before it is decoded (limits.py), every refusal is charged in the ledger (ledger.py), and a
-quarantined worker gets no more leases. The training thread talks to it only through `weights`
-(a WeightPublisher), `next_batch`, `take_rewards`, `report_logprob_mismatches` and
-`worker_table`.
+quarantined worker gets no more leases. A worker asking for its next lease while it still
+generates one waits while a worker holding none is refused for lack of room, so a slow
+worker's early requests cannot starve a fast one. Per message the work is O(1) in workers and
+leases; silence and deadlines are checked at most twice a second. The training thread talks to
+it only through `weights` (a WeightPublisher), `next_batch`, `take_rewards`,
+`report_logprob_mismatches` and `worker_table`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -33,6 +37,9 @@ from swarmrl.trainer.verify import LogprobMismatch, SubmissionError
 log = logging.getLogger("trainer")
 
 QUARANTINED = "this worker sent too many results that failed the trainer's checks"
+NO_WORK_RETRY_S = 0.5
+# A worker refused work this recently, holding no lease, is waiting for room: it goes first.
+IDLE_WINDOW_S = 4 * NO_WORK_RETRY_S
 
 
 class SwarmServer:
@@ -53,7 +60,8 @@ class SwarmServer:
         self.leases = leases
         self.buffer = GroupBuffer()
         self.run_id = run_id
-        self.workers: dict[bytes, WorkerRecord] = {}  # connected, by ZeroMQ identity
+        self.workers: dict[bytes, WorkerRecord] = {}  # connected, by identity, least recent first
+        self.idle: dict[bytes, float] = {}  # refused for lack of room while holding no lease
         self.ledger = Ledger(config.swarm)  # every worker ever seen, by worker id
         self.weights = weights
         self._lock = threading.Lock()
@@ -135,6 +143,7 @@ class SwarmServer:
 
     def _serve(self) -> None:
         interval = min(self.config.swarm.heartbeat_interval_s, 0.5)
+        next_check = 0.0
         while not self._stop.is_set():
             received = recv_from(self._socket, timeout_s=interval)
             now = time.monotonic()
@@ -148,8 +157,9 @@ class SwarmServer:
                         self._refuse(identity, None, "internal", "the trainer failed on this")
                 # Only judge silence once every queued message has been read: after a slow
                 # step, waiting heartbeats must count before anyone is declared gone.
-                if not self._socket.poll(0):
+                if now >= next_check and not self._socket.poll(0):
                     self._expire(now)
+                    next_check = now + interval
 
     def _send(self, identity: bytes, message: Any, blobs: tuple = ()) -> None:
         send_to(self._socket, identity, message, blobs)
@@ -161,7 +171,9 @@ class SwarmServer:
     def _receive(self, identity: bytes, frames: list, now: float) -> None:
         """Refuse what costs nothing to refuse before decoding; handle the rest."""
         worker = self.workers.get(identity)
-        may_submit = worker is not None and not worker.quarantined and self._open_leases(worker)
+        may_submit = (
+            worker is not None and not worker.quarantined and self.leases.held(worker.worker_id)
+        )
         size = sum(len(frame) for frame in frames)
         refusal = self.gate.refusal(identity, size, bool(may_submit), now)
         if refusal is None:
@@ -188,6 +200,7 @@ class SwarmServer:
             self._refuse(identity, None, "unknown_worker", "send hello first")
             return
         worker.last_seen = now
+        self.workers[identity] = self.workers.pop(identity)  # now the most recently heard
         if worker.quarantined and isinstance(message, m.WorkRequest | m.Submission):
             self._refuse(identity, getattr(message, "lease_id", None), "quarantined", QUARANTINED)
         elif isinstance(message, m.WorkRequest):
@@ -253,7 +266,7 @@ class SwarmServer:
             for update, payload in updates:
                 self._send(identity, update, payload)
             return
-        held = self._open_leases(worker)
+        held = self.leases.held(worker.worker_id)
         if held >= self.config.swarm.max_open_leases:
             self._charge(worker, "too_many_leases")
             detail = f"{held} leases open (at most {self.config.swarm.max_open_leases})"
@@ -263,11 +276,16 @@ class SwarmServer:
         # of the buffer, so `max_staleness` more steps' worth is the most that stays fresh.
         trainer = self.config.trainer
         limit = trainer.prompts_per_step * max(trainer.max_staleness, 1)
-        room = limit - self.leases.outstanding_prompts() - len(self.buffer)
+        room = limit - self.leases.outstanding - len(self.buffer)
         count = min(request.max_prompts, worker.max_prompts, self.config.swarm.prompts_per_lease)
-        if room <= 0:
-            self._send(identity, m.NoWork(reason="enough work is out", retry_after_s=0.5))
+        if room <= 0 or (held and self._another_idle(identity, now)):
+            if not held:
+                self.idle.pop(identity, None)
+                self.idle[identity] = now
+            reason = "enough work is out" if room <= 0 else "an idle worker goes first"
+            self._send(identity, m.NoWork(reason=reason, retry_after_s=NO_WORK_RETRY_S))
             return
+        self.idle.pop(identity, None)
         # The version catch_up found current: a publish since then must not move this lease
         # past the weights the worker holds.
         lease = self.leases.issue(worker.worker_id, min(count, room), request.weights_version, now)
@@ -288,8 +306,13 @@ class SwarmServer:
             ),
         )
 
-    def _open_leases(self, worker: WorkerRecord) -> int:
-        return sum(lease.worker_id == worker.worker_id for lease in self.leases.open.values())
+    def _another_idle(self, identity: bytes, now: float) -> bool:
+        """Whether a worker other than `identity` holds no lease and was lately refused one."""
+        for waiting, since in list(self.idle.items()):  # oldest first: stop at a recent one
+            if now - since <= IDLE_WINDOW_S:
+                break
+            del self.idle[waiting]
+        return len(self.idle) > 1 or (bool(self.idle) and identity not in self.idle)
 
     def _submission(
         self, identity: bytes, worker: WorkerRecord, sub: m.Submission, now: float
@@ -352,6 +375,7 @@ class SwarmServer:
 
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)
+        self.idle.pop(identity, None)
         worker.connected = False
         lost = self.leases.expire_worker(worker.worker_id)
         count = sum(len(lease.prompt_indices) for lease in lost)
@@ -361,7 +385,10 @@ class SwarmServer:
 
     def _expire(self, now: float) -> None:
         timeout = self.config.swarm.heartbeat_timeout_s
-        for identity in [i for i, w in self.workers.items() if now - w.last_seen > timeout]:
+        silent = itertools.takewhile(
+            lambda item: now - item[1].last_seen > timeout, self.workers.items()
+        )
+        for identity, _ in list(silent):
             self._drop(identity, f"silent for more than {timeout:.0f}s")
         self.gate.limiter.forget_idle(now)
         for lease in self.leases.expire_due(now):
