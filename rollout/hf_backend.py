@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, synced_gpus: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.synced_gpus = synced_gpus  # sharded model: every rank runs every forward
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.eos_ids = {e for e in eos_ids if e is not None}
@@ -92,6 +93,7 @@ class HFBackend:
                 stop_strings=stop or None,
                 tokenizer=self.tokenizer if stop else None,
                 return_dict_in_generate=True,
+                synced_gpus=self.synced_gpus,
                 # Nothing from the model's own generation_config may reshape the distribution.
                 repetition_penalty=1.0,
                 no_repeat_ngram_size=0,

@@ -173,11 +173,19 @@ class Worker:
         return make_backend(self.options.backend, spec.model, dtype, device, self.options.engine)
 
     def _send(self, message: Any, timeout_s: float = 30.0) -> None:
+        """Queue `message`, waiting in short slices (a stop request ends the wait: a blocking
+        poll would hold SIGTERM off for the whole timeout); TrainerGone if it cannot."""
         assert self.channel is not None
-        try:
-            self.channel.send(message, timeout_s=1.0 if self.stopping else timeout_s)
-        except TimeoutError as error:
-            raise TrainerGone(str(error)) from None
+        timeout_s = 1.0 if self.stopping else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                left = deadline - time.monotonic()
+                self.channel.send(message, timeout_s=max(0.0, min(0.5, left)))
+                return
+            except TimeoutError:
+                if self.stopping or time.monotonic() >= deadline:
+                    raise TrainerGone(f"trainer not reachable for {timeout_s:g} s") from None
 
     def _heartbeat(self) -> None:
         self._send(m.Heartbeat(sent_at=time.time(), weights_version=self.version))

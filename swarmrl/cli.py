@@ -14,6 +14,7 @@ and pydantic are imported up front, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -208,11 +209,18 @@ def _train(arguments: argparse.Namespace, config: Config) -> int:
     except ConfigError as error:
         print(f"swarmrl: {error}", file=sys.stderr)
         return 2
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 serves the swarm
+    if rank > 0:
+        setup_logging(f"rank-{rank}", None, config.logging.level)
+        from swarmrl.trainer.loop import train
+
+        train(config, folder, resume=arguments.resume is not None)
+        return 0
     setup_logging("trainer", folder, config.logging.level)
     workers = config.swarm.workers if arguments.command == "run" else 0
     try:
         summary = run_local(config, folder, workers, resume=arguments.resume is not None)
-    except KeyFileError as error:
+    except (KeyFileError, ConfigError) as error:
         print(f"swarmrl: {error}", file=sys.stderr)
         return 2
     before, after = summary.get("before"), summary.get("after")

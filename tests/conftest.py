@@ -45,11 +45,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def swarmrl(*arguments: str, log: Path, new_session: bool = False) -> subprocess.Popen:
-    """Start `python -m swarmrl ...` with output to `log` (in its own process group if asked)."""
+def swarmrl(
+    *arguments: str, log: Path, new_session: bool = False, module: bool = True
+) -> subprocess.Popen:
+    """Start `python -m swarmrl ...` (`python ...` if not `module`) with output to `log` (in its
+    own process group if asked)."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "swarmrl", *arguments],
+        [sys.executable, *(["-m", "swarmrl"] if module else []), *arguments],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         env=environment,

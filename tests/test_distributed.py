@@ -1,9 +1,12 @@
-"""The sharded trainer (trainer/distributed.py) takes the same step as one process.
+"""The sharded trainer (trainer/distributed.py, trainer/ranks.py) takes the same step as one
+process, and `torchrun ... -m swarmrl train` runs a real swarm with it.
 
 `torchrun` starts two gloo ranks on the CPU with the real tiny model; rank 0 reads a
 hand-built batch and broadcasts it, both ranks take one sharded AdamW step, and rank 0 writes
 the gathered weights and optimizer state. The test compares them with `train_step` in this
 process on the same batch. This file is also the ranks' program (run under torchrun: `main`).
+The end-to-end test runs the CLI under torchrun with a real worker, resumes it, and loads its
+checkpoint in one process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+import pytest
 
 from swarmrl.config import Config
 from swarmrl.trainer.buffer import ScoredGroup
@@ -169,6 +174,51 @@ def test_sharded_step_matches_one_process(model_path: str, tmp_path: Path) -> No
         total += settled.numel()
     assert determined > 0.9 * total, f"only {determined} of {total} updates comparable"
     assert sharded["reloaded_matches"] is True
+
+
+@pytest.mark.e2e
+def test_torchrun_serves_a_worker_checkpoints_and_resumes(model_path: str, tmp_path: Path) -> None:
+    """Two gloo ranks run `swarmrl train` for one step with a real worker, then `--resume` for
+    a second; the worker replays both versions (full keyframes, fingerprint-checked), and the
+    gathered checkpoint loads in a single process with AdamW's state matched by name."""
+    import torch
+
+    from swarmrl.models import load_model
+    from swarmrl.trainer.checkpoint import load_latest
+    from tests.conftest import FAST_RUN, free_port, start_worker, swarmrl  # not in the ranks
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    folder = tmp_path / "sharded"
+
+    def torchrun(name: str, *arguments: str) -> None:
+        command = [
+            "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "swarmrl", "train", *arguments, "--bind", endpoint,
+        ]  # fmt: skip
+        job = swarmrl(*command, log=tmp_path / f"{name}.log", module=False)
+        assert job.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+
+    worker = start_worker(tmp_path, endpoint, "w1")
+    try:
+        torchrun(
+            "first", *FAST_RUN, "--trainer.optimizer", "adamw", "--trainer.max_steps", "1",
+            "--checkpoint.every_steps", "1", "--logging.run_dir", str(tmp_path),
+            "--logging.run_name", "sharded",
+        )  # fmt: skip
+        torchrun("resumed", "--resume", str(folder), "--trainer.max_steps", "2")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    log = (folder / "trainer.log").read_text()
+    assert "on rank 0 of 2, cpu" in log and "(step 1)" in log and "step 2 reward" in log, log
+    assert "weights now at version 2 (full" in (tmp_path / "w1.log").read_text()
+
+    model = load_model(model_path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    state = load_latest(folder / "checkpoints", model, optimizer)
+    assert state is not None and state["step"] == 2
+    moments = [optimizer.state[p] for p in model.parameters()]
+    assert all(float(m["step"]) == 2.0 and m["exp_avg"].abs().sum() > 0 for m in moments)
 
 
 def main(model_path: str, batch_path: Path, out: Path) -> None:

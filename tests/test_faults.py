@@ -80,9 +80,9 @@ def state(step: int) -> dict:
 def two_checkpoints(folder: Path, tokenizer: Any) -> tuple[dict[str, Any], Any]:
     """step_1 and step_2 of different weights; returns step_1's weights and AdamW moment."""
     first, first_optimizer = tiny_model(1)
-    save_checkpoint(folder, 1, first, tokenizer, first_optimizer, state(1), keep=5)
+    save_checkpoint(folder, 1, first, tokenizer, first_optimizer.state_dict(), state(1), keep=5)
     second, second_optimizer = tiny_model(2)
-    save_checkpoint(folder, 2, second, tokenizer, second_optimizer, state(2), keep=5)
+    save_checkpoint(folder, 2, second, tokenizer, second_optimizer.state_dict(), state(2), keep=5)
     return weights(first), moment(first_optimizer)
 
 
@@ -126,7 +126,7 @@ def test_nothing_is_applied_from_a_checkpoint_that_fails_late(
 ) -> None:
     """Good weights but a garbage optimizer.pt: the model must keep its own weights."""
     saved, saved_optimizer = tiny_model(1)
-    save_checkpoint(tmp_path, 1, saved, tokenizer, saved_optimizer, state(1), keep=2)
+    save_checkpoint(tmp_path, 1, saved, tokenizer, saved_optimizer.state_dict(), state(1), keep=2)
     (tmp_path / "step_1" / "optimizer.pt").write_bytes(b"\x80\x02garbage")
     model, optimizer = tiny_model(2)
     before = weights(model)
@@ -137,7 +137,7 @@ def test_nothing_is_applied_from_a_checkpoint_that_fails_late(
 def test_checkpoint_of_another_model_stops_the_resume(tmp_path: Path, tokenizer: Any) -> None:
     """A config mismatch is not damage: no silent fallback, nothing moved aside."""
     saved, saved_optimizer = tiny_model(1, hidden=32)
-    save_checkpoint(tmp_path, 1, saved, tokenizer, saved_optimizer, state(1), keep=2)
+    save_checkpoint(tmp_path, 1, saved, tokenizer, saved_optimizer.state_dict(), state(1), keep=2)
     model, optimizer = tiny_model(2, hidden=16)
     with pytest.raises(CheckpointMismatch, match="does not fit this model"):
         load_latest(tmp_path, model, optimizer)
@@ -164,17 +164,18 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(
     failing: str, tmp_path: Path, tokenizer: Any, file_size_limit: Any
 ) -> None:
     model, optimizer = tiny_model(1)
-    save_checkpoint(tmp_path, 1, model, tokenizer, optimizer, state(1), keep=1)
+    save_checkpoint(tmp_path, 1, model, tokenizer, optimizer.state_dict(), state(1), keep=1)
     sizes = {p.name: p.stat().st_size for p in (tmp_path / "step_1").iterdir()}
     others = max(size for name, size in sizes.items() if name != "optimizer.pt")
     assert sizes["model.safetensors"] < sizes["optimizer.pt"] and others < sizes["optimizer.pt"]
     limit = sizes[failing] // 2 if failing == "model.safetensors" else others + 1
     expected = weights(model)
     later, later_optimizer = tiny_model(2)
+    later_state = later_optimizer.state_dict()
     file_size_limit(limit)
     for step in (2, 1):  # a new step, and the same step again (it must not be removed first)
         with pytest.raises(CheckpointError) as caught:
-            save_checkpoint(tmp_path, step, later, tokenizer, later_optimizer, state(step), keep=1)
+            save_checkpoint(tmp_path, step, later, tokenizer, later_state, state(step), keep=1)
         message = str(caught.value)
         assert f"step_{step}" in message and "File too large" in message, message
         assert (failing.split(".")[0]) in message, message
@@ -189,14 +190,14 @@ def test_leftovers_of_a_killed_save_are_cleared(tmp_path: Path, tokenizer: Any) 
     """A half-written staging folder goes; a checkpoint a re-save had just moved out of the way
     (killed between its two renames) comes back."""
     model, optimizer = tiny_model(1)
-    save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, state(2), keep=2)
+    save_checkpoint(tmp_path, 2, model, tokenizer, optimizer.state_dict(), state(2), keep=2)
     swapped = tmp_path / ".step_2.replaced.xyz"
     swapped.mkdir()
     (tmp_path / "step_2").rename(swapped / "step_2")
     half = tmp_path / ".step_3.abc123"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"half")
-    save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, state(4), keep=2)
+    save_checkpoint(tmp_path, 4, model, tokenizer, optimizer.state_dict(), state(4), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_4"]
     assert read_checkpoint(tmp_path / "step_2")[0]["step"] == 2
 

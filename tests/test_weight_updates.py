@@ -187,10 +187,10 @@ def replica_with(tensors: dict[str, torch.Tensor]) -> Replica:
 
 def demo_update(model: torch.nn.Module, version: int) -> tuple[m.WeightUpdate, bytes]:
     optimizer = DemoOptimizer(list(model.named_parameters()), 1e-3, 0.0, 0.9, demo.DemoSettings())
-    publication = Publication(model, optimizer, "demo")
+    publication = Publication(optimizer, "demo")
     model(torch.randn(2, 96)).sum().backward()
     optimizer.step()
-    out = publication.published(version)
+    out = publication.published(version, {n: p.detach() for n, p in model.named_parameters()})
     assert out.delta is not None
     update = m.WeightUpdate(
         version=version, codec="demo", fingerprint=out.fingerprint,

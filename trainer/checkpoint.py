@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP = re.compile(r"^step_(\d+)$")
 _STATE_KEYS = ("step", "leases", "history")
+Restore = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
 class CheckpointError(Exception):
@@ -41,9 +43,13 @@ class CheckpointMismatch(CheckpointError):
 
 
 def save_checkpoint(
-    folder: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, state: dict, keep: int
-) -> Path:
-    """Write `folder/step_N` atomically and prune to the newest `keep`; CheckpointError if not."""
+    folder: Path, step: int, model: Any, tokenizer: Any, optimizer_state: dict, state: dict,
+    keep: int, weights: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
+    """Write `folder/step_N` atomically and prune to the newest `keep`; CheckpointError if not.
+
+    `weights`: the full tensors to write instead of the model's own (a sharded trainer's,
+    gathered on rank 0); `optimizer_state` is `optimizer.state_dict()` or its gathered form."""
     _remove_unfinished(folder)
     target = folder / f"step_{step}"
     staging: Path | None = None
@@ -52,11 +58,11 @@ def save_checkpoint(
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=folder))
         writing = "model weights (model*.safetensors)"
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=weights)
         writing = "tokenizer files"
         tokenizer.save_pretrained(staging)
         writing = OPTIMIZER_FILE
-        _torch_save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        _torch_save(optimizer_state, staging / OPTIMIZER_FILE)
         writing = STATE_FILE
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
         writing = "(flushing to disk)"
@@ -99,12 +105,14 @@ def checkpoints(folder: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def load_latest(folder: Path, model: Any, optimizer: Any) -> dict | None:
+def load_latest(
+    folder: Path, model: Any, optimizer: Any, restore: Restore | None = None
+) -> dict | None:
     """Restore the newest readable checkpoint into model and optimizer; return its state."""
     _remove_unfinished(folder)
     for path in reversed(checkpoints(folder)):
         try:
-            return load_checkpoint(path, model, optimizer)
+            return load_checkpoint(path, model, optimizer, restore)
         except CheckpointMismatch:  # an older checkpoint would not fit either
             raise
         except CheckpointError as error:  # a damaged checkpoint must not stop the resume
@@ -113,10 +121,11 @@ def load_latest(folder: Path, model: Any, optimizer: Any) -> dict | None:
     return None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, restore: Restore | None = None) -> dict:
     """Read and check every file, then restore model and optimizer. CheckpointError if a file
     is damaged, CheckpointMismatch if it is another model's or optimizer's; either way before
-    the model or the optimizer was touched."""
+    the model or the optimizer was touched. `restore(tensors, optimizer_state)` replaces the
+    in-place load (a sharded trainer's rank 0 hands them to every rank)."""
     from swarmrl.rollout.hf_backend import load_parameters_in_place
 
     state, tensors, optimizer_state = read_checkpoint(path)
@@ -135,6 +144,10 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict:
             f"checkpoint {path} does not fit this run: {path / OPTIMIZER_FILE} holds parameter "
             f"groups of sizes {saved_groups}, this run's optimizer {own_groups}; {hint}"
         )
+    if restore is not None:
+        restore({k: v for k, v in tensors.items() if k in names}, optimizer_state)
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state
     try:
         load_parameters_in_place(model, {k: v for k, v in tensors.items() if k in names})
     except ValueError as error:  # checked before any parameter is written

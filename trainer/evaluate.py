@@ -28,12 +28,15 @@ def accuracy_function(config: Config) -> tuple[str, Any]:
     return name, load_reward_function(name)
 
 
-def evaluate(model: Any, tokenizer: Any, tasks: list[Task], config: Config) -> EvalResult:
+def evaluate(
+    model: Any, tokenizer: Any, tasks: list[Task], config: Config, synced_gpus: bool = False
+) -> EvalResult:
+    """Greedy held-out accuracy; `synced_gpus` when every rank of a sharded model runs it."""
     from swarmrl.rollout.hf_backend import HFBackend
 
     if not tasks:
         return EvalResult(accuracy=float("nan"), count=0, mean_completion_tokens=0.0, examples=[])
-    backend = HFBackend(model, tokenizer)
+    backend = HFBackend(model, tokenizer, synced_gpus)
     name, function = accuracy_function(config)
     prompts = [prompt_text(config.data, tokenizer, task.question) for task in tasks]
     completions: list[str] = []

@@ -85,15 +85,16 @@ def make_optimizer(model: Any, trainer: TrainerConfig) -> torch.optim.Optimizer:
 class Publication:
     """What the workers are sent for each version, in the codec the recipe chose."""
 
-    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, codec: str) -> None:
-        self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    def __init__(self, optimizer: torch.optim.Optimizer, codec: str) -> None:
         self.optimizer = optimizer
         self.codec = codec
         self.bf16: dict[str, torch.Tensor] | None = None  # `sparse`: what the workers hold
 
-    def published(self, version: int, after_step: bool = True) -> Published:
-        """Version `version` of the weights; `after_step` False for the first one (no delta)."""
-        weights: dict[str, torch.Tensor] = {n: p.detach() for n, p in self.parameters.items()}
+    def published(
+        self, version: int, weights: dict[str, torch.Tensor], after_step: bool = True
+    ) -> Published:
+        """Version `version`: `weights` are every trainable tensor, whole (gathered if sharded);
+        `after_step` False for the first one (no delta)."""
         delta = None
         if self.codec == "sparse":
             rounded = {n: t.to(torch.bfloat16) for n, t in weights.items()}
