@@ -33,7 +33,7 @@ from swarmrl.protocol.transport import Channel, make_dealer
 from swarmrl.rewards import load_reward_function
 from swarmrl.trainer.data import load_tasks
 from swarmrl.trainer.leases import LeaseBook
-from swarmrl.trainer.publish import Published, WeightPublisher
+from swarmrl.trainer.publish import Delta, Published, WeightPublisher
 from swarmrl.trainer.server import SwarmServer
 from swarmrl.trainer.verify import LogprobMismatch
 from tests.conftest import start_trainer, start_worker, wait_for_text
@@ -346,6 +346,30 @@ def test_a_worker_asking_ahead_waits_while_an_idle_one_has_no_lease(
     behind = early.ask()
     assert isinstance(behind, m.NoWork) and behind.reason == "an idle worker goes first", behind
     assert isinstance(idle.ask(), m.Lease)
+
+
+def test_a_worker_asking_again_before_its_chain_arrived_gets_only_what_is_new(
+    swarm: Callable[..., SwarmServer], context: zmq.Context
+) -> None:
+    server = swarm()
+    for version in (1, 2):
+        delta = Delta("demo", bytes([version]))
+        server.weights.publish(Published(version, f"v{version}", b"", delta))
+    peer = Peer(context, server.endpoint)
+    peer.hello("behind")
+    peer.send(m.WorkRequest(max_prompts=1, weights_version=0))
+    assert [peer.receive().version for _ in range(2)] == [1, 2]  # the chain
+    peer.send(m.WorkRequest(max_prompts=1, weights_version=1))  # applied 1, 2 not yet here
+    again = peer.receive()
+    assert isinstance(again, m.NoWork) and again.reason == "weights on the way", again
+    server.weights.publish(Published(3, "v3", b"", Delta("demo", b"3")))
+    peer.send(m.WorkRequest(max_prompts=1, weights_version=1))
+    assert peer.receive().version == 3  # only what came after the chain in flight
+    peer.send(m.WorkRequest(max_prompts=1, weights_version=-1))  # lost its copy: a keyframe
+    keyframe = peer.receive()
+    assert (keyframe.version, keyframe.codec) == (3, "full")
+    peer.version = 3
+    assert isinstance(peer.ask(), m.Lease)
 
 
 def test_garbage_and_lies_quarantine_a_worker_and_its_leases_go_back(

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from swarmrl.trainer.leases import LeaseBook, LeaseError, prompt_id
+from swarmrl.trainer.leases import LeaseBook, LeaseError, WaitingWorkers, prompt_id
 
 
 def book(seed: int = 0, timeout: float = 10.0) -> LeaseBook:
@@ -207,3 +207,15 @@ def test_held_counts_each_workers_open_leases() -> None:
     assert [lease.worker_id for lease in leases.expire_worker("w1")] == ["w1"]
     assert (leases.held("w1"), leases.outstanding) == (0, 1)
     assert leases.by_worker == {"w2": {"L3": leases.open["L3"]}}
+
+
+def test_waiting_workers_forget_a_refusal_after_the_window() -> None:
+    waiting = WaitingWorkers(window_s=2.0)
+    assert not waiting.others("a", now=0.0)
+    waiting.refused("idle", now=1.0)
+    assert waiting.others("busy", now=2.0) and not waiting.others("idle", now=2.0)
+    waiting.refused("other", now=2.5)
+    assert waiting.others("idle", now=2.5)  # "other" waits too
+    assert not waiting.others("other", now=3.5)  # idle's refusal is 2.5 s old: forgotten
+    waiting.discard("other")
+    assert not waiting.others("busy", now=3.6)

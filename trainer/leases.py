@@ -148,3 +148,29 @@ class LeaseBook:
         self.open.clear()
         self.by_worker.clear()
         self.outstanding = 0
+
+
+class WaitingWorkers:
+    """Workers that hold no lease and were lately refused one for lack of room, oldest refusal
+    first. While one waits, a worker asking ahead (it holds a lease) is refused too, so the room
+    the next submission frees goes to an idle engine rather than a busy one."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s  # a refusal older than this: that worker stopped asking
+        self._since: dict[str, float] = {}
+
+    def refused(self, worker_id: str, now: float) -> None:
+        self._since.pop(worker_id, None)
+        self._since[worker_id] = now
+
+    def discard(self, worker_id: str) -> None:
+        self._since.pop(worker_id, None)
+
+    def others(self, worker_id: str, now: float) -> bool:
+        """Whether a worker other than `worker_id` is waiting for room."""
+        while self._since:
+            oldest, since = next(iter(self._since.items()))
+            if now - since <= self.window_s:
+                break
+            del self._since[oldest]
+        return len(self._since) > 1 or (bool(self._since) and worker_id not in self._since)

@@ -43,6 +43,8 @@ class WorkerRecord:
     backend: str = ""
     max_prompts: int = 1
     weights_version: int = -1
+    sent_version: int = -1  # the newest weights sent to it, and when
+    sent_at: float = 0.0
     connected: bool = True
     quarantined: bool = False
     accepted: int = 0

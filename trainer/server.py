@@ -8,10 +8,11 @@ and are leased again. Every worker is untrusted: each message is rate-limited an
 before it is decoded (limits.py), every refusal is charged in the ledger (ledger.py), and a
 quarantined worker gets no more leases. A worker asking for its next lease while it still
 generates one waits while a worker holding none is refused for lack of room, so a slow
-worker's early requests cannot starve a fast one. Per message the work is O(1) in workers and
-leases; silence and deadlines are checked at most twice a second. The training thread talks to
-it only through `weights` (a WeightPublisher), `next_batch`, `take_rewards`,
-`report_logprob_mismatches` and `worker_table`.
+worker's early requests cannot starve a fast one. A worker that asks again before the weight
+chain it was sent has arrived is sent only what was published since. Per message the work is
+O(1) in workers and leases; silence and deadlines are checked at most twice a second. The
+training thread talks to it only through `weights` (a WeightPublisher), `next_batch`,
+`take_rewards`, `report_logprob_mismatches` and `worker_table`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from swarmrl.protocol.framing import ProtocolError, decode
 from swarmrl.protocol.transport import bound_endpoint, make_router, recv_from, send_to
 from swarmrl.trainer.buffer import GroupBuffer, ScoredGroup
 from swarmrl.trainer.intake import Intake
-from swarmrl.trainer.leases import LeaseBook, LeaseError, prompt_id
+from swarmrl.trainer.leases import LeaseBook, LeaseError, WaitingWorkers, prompt_id
 from swarmrl.trainer.ledger import Ledger, WorkerRecord
 from swarmrl.trainer.limits import Gate
 from swarmrl.trainer.publish import WeightPublisher
@@ -38,8 +39,6 @@ log = logging.getLogger("trainer")
 
 QUARANTINED = "this worker sent too many results that failed the trainer's checks"
 NO_WORK_RETRY_S = 0.5
-# A worker refused work this recently, holding no lease, is waiting for room: it goes first.
-IDLE_WINDOW_S = 4 * NO_WORK_RETRY_S
 
 
 class SwarmServer:
@@ -61,7 +60,7 @@ class SwarmServer:
         self.buffer = GroupBuffer()
         self.run_id = run_id
         self.workers: dict[bytes, WorkerRecord] = {}  # connected, by identity, least recent first
-        self.idle: dict[bytes, float] = {}  # refused for lack of room while holding no lease
+        self.waiting = WaitingWorkers(window_s=4 * NO_WORK_RETRY_S)
         self.ledger = Ledger(config.swarm)  # every worker ever seen, by worker id
         self.weights = weights
         self._lock = threading.Lock()
@@ -229,6 +228,7 @@ class SwarmServer:
         record = self.ledger.join(self.ledger.new_id(hello.worker_name, connected), now)
         record.backend, record.max_prompts = hello.backend, hello.max_prompts_per_lease
         record.weights_version = hello.weights_version
+        record.sent_version = -1  # whatever the old connection was sent is lost with it
         self.workers[identity] = record
         worker_id = record.worker_id
         log.info("%s joined (%s backend, up to %d prompts per lease)",
@@ -260,11 +260,18 @@ class SwarmServer:
     def _work(
         self, identity: bytes, worker: WorkerRecord, request: m.WorkRequest, now: float
     ) -> None:
-        worker.weights_version = request.weights_version
-        updates = self.weights.catch_up(request.weights_version)
+        worker.weights_version = start = request.weights_version
+        in_flight = now - worker.sent_at < self.config.swarm.heartbeat_timeout_s
+        if 0 <= start < worker.sent_version and in_flight:
+            start = worker.sent_version  # it asked before the chain it was sent arrived
+        updates = self.weights.catch_up(start)
         if updates:  # the worker asks again once it holds the current weights
             for update, payload in updates:
                 self._send(identity, update, payload)
+            worker.sent_version, worker.sent_at = updates[-1][0].version, now
+            return
+        if start != request.weights_version:
+            self._send(identity, m.NoWork(reason="weights on the way", retry_after_s=0.2))
             return
         held = self.leases.held(worker.worker_id)
         if held >= self.config.swarm.max_open_leases:
@@ -278,14 +285,13 @@ class SwarmServer:
         limit = trainer.prompts_per_step * max(trainer.max_staleness, 1)
         room = limit - self.leases.outstanding - len(self.buffer)
         count = min(request.max_prompts, worker.max_prompts, self.config.swarm.prompts_per_lease)
-        if room <= 0 or (held and self._another_idle(identity, now)):
+        if room <= 0 or (held and self.waiting.others(worker.worker_id, now)):
             if not held:
-                self.idle.pop(identity, None)
-                self.idle[identity] = now
+                self.waiting.refused(worker.worker_id, now)
             reason = "enough work is out" if room <= 0 else "an idle worker goes first"
             self._send(identity, m.NoWork(reason=reason, retry_after_s=NO_WORK_RETRY_S))
             return
-        self.idle.pop(identity, None)
+        self.waiting.discard(worker.worker_id)
         # The version catch_up found current: a publish since then must not move this lease
         # past the weights the worker holds.
         lease = self.leases.issue(worker.worker_id, min(count, room), request.weights_version, now)
@@ -305,14 +311,6 @@ class SwarmServer:
                 deadline_s=self.leases.lease_timeout_s,
             ),
         )
-
-    def _another_idle(self, identity: bytes, now: float) -> bool:
-        """Whether a worker other than `identity` holds no lease and was lately refused one."""
-        for waiting, since in list(self.idle.items()):  # oldest first: stop at a recent one
-            if now - since <= IDLE_WINDOW_S:
-                break
-            del self.idle[waiting]
-        return len(self.idle) > 1 or (bool(self.idle) and identity not in self.idle)
 
     def _submission(
         self, identity: bytes, worker: WorkerRecord, sub: m.Submission, now: float
@@ -375,7 +373,7 @@ class SwarmServer:
 
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)
-        self.idle.pop(identity, None)
+        self.waiting.discard(worker.worker_id)
         worker.connected = False
         lost = self.leases.expire_worker(worker.worker_id)
         count = sum(len(lease.prompt_indices) for lease in lost)
