@@ -9,7 +9,8 @@ before it is decoded (limits.py), every refusal is charged in the ledger (ledger
 quarantined worker gets no more leases. A worker asking for its next lease while it still
 generates one waits while a worker holding none is refused for lack of room, so a slow
 worker's early requests cannot starve a fast one. A worker that asks again before the weight
-chain it was sent has arrived is sent only what was published since. Per message the work is
+chain it was sent has arrived is sent only what was published since (nothing, if that is
+nothing: the chain's remaining messages answer it). Per message the work is
 O(1) in workers and leases; silence and deadlines are checked at most twice a second. The
 training thread talks to it only through `weights` (a WeightPublisher), `next_batch`,
 `take_rewards`, `report_logprob_mismatches` and `worker_table`.
@@ -271,8 +272,7 @@ class SwarmServer:
             worker.sent_version, worker.sent_at = updates[-1][0].version, now
             return
         if start != request.weights_version:
-            self._send(identity, m.NoWork(reason="weights on the way", retry_after_s=0.2))
-            return
+            return  # the chain on its way answers this request too: the worker asks again after
         held = self.leases.held(worker.worker_id)
         if held >= self.config.swarm.max_open_leases:
             self._charge(worker, "too_many_leases")
