@@ -19,7 +19,7 @@ from swarmrl.trainer.ledger import (
     read_ledger,
     write_ledger,
 )
-from swarmrl.trainer.progress import worker_summary
+from swarmrl.trainer.progress import ledger_summary, worker_summary
 
 RULE = SwarmConfig(quarantine_rejections=10, quarantine_fraction=0.5)
 
@@ -162,3 +162,15 @@ def test_a_name_in_use_by_a_connected_worker_gets_a_suffix() -> None:
     assert ledger.new_id("gpu", connected={"gpu", "gpu-2"}) == "gpu-3"
     assert ledger.new_id("", connected=set()) == "worker"
     assert ledger.new_id("x" * 128, connected=set()) == "x" * 100
+
+
+def test_the_progress_line_shows_the_top_connected_workers_and_counts_the_rest() -> None:
+    def row(samples: int, connected: bool = True, quarantined: bool = False) -> dict:
+        return {"samples": samples, "rejected": 32 * quarantined, "connected": connected,
+                "quarantined": quarantined}  # fmt: skip
+
+    workers = {f"forger-{i}": row(0, connected=False, quarantined=True) for i in range(500)}
+    workers |= {f"worker-{i}": row(10 * i) for i in range(1, 8)}
+    line = ledger_summary(workers, total_samples=280)
+    assert line.startswith("worker-7 25% worker-6 21% worker-5 18% worker-4 14% worker-3 11%")
+    assert line.endswith("worker-2 7% +501 more (500 quarantined)")

