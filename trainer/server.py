@@ -118,10 +118,20 @@ class SwarmServer:
             for worker_id, failed in by_worker.items():
                 log.warning(
                     "%s: %d sequences failed the log-prob check (mean |gap| up to %.3g); "
-                    "masked out of the loss",
+                    "not trained on",
                     worker_id, len(failed), max(f.mean_gap for f in failed),
                 )  # fmt: skip
                 self._charge(self.ledger.records[worker_id], "logprob_mismatch", len(failed))
+
+    def put_back(self, kept: list[ScoredGroup], refused: list[ScoredGroup]) -> None:
+        """After screening a batch: `kept` go back to the buffer (but not those of a worker the
+        screening just quarantined), the prompts of `refused` back in the queue."""
+        with self._lock:
+            records = self.ledger.records
+            quarantined = {g.worker_id for g in kept if records[g.worker_id].quarantined}
+            self.buffer.put_back([g for g in kept if g.worker_id not in quarantined])
+            dropped = [g for g in kept if g.worker_id in quarantined]
+            self.leases.requeue([g.prompt_index for g in [*refused, *dropped]])
 
     def worker_table(self) -> dict[str, dict[str, Any]]:
         """The ledger: every worker's counts, throughput and state, as plain data."""

@@ -212,6 +212,32 @@ def accumulate_gradients(
     return totals, mismatches
 
 
+def screen_groups(
+    model: Any, groups: list[ScoredGroup], config: Config, pad_id: int, version: int
+) -> list[LogprobMismatch]:
+    """The log-prob check alone (a forward without gradients): the sequences of `groups` whose
+    reported log-probs the trainer's own do not back. For groups from workers not yet known to
+    be honest, before they may take a slot in a step."""
+    import torch
+
+    sequences = step_sequences(groups, config, version)
+    size = config.trainer.micro_batch_size
+    device = next(model.parameters()).device
+    band = LogprobBand.from_config(config)
+    failed: list[LogprobMismatch] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(sequences), size):
+            chunk = sequences[start : start + size]
+            batch = pad_batch(chunk, pad_id, device)
+            logits = completion_logits(model, batch)
+            logprobs = sequence_logprobs_from_logits(
+                logits, batch["completion_ids"], config.sampling.temperature
+            )
+            failed += mask_logprob_mismatches(chunk, logprobs, batch, band)
+    return failed
+
+
 def mask_logprob_mismatches(
     chunk: list[Sequence], logprobs: torch.Tensor, batch: dict[str, torch.Tensor], band: LogprobBand
 ) -> list[LogprobMismatch]:
