@@ -18,6 +18,7 @@ counts every scored sample, forged ones included, so the comparison is held-out 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -64,7 +65,6 @@ def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> None:
     """Forgers one after another until `stop`: each forges every lease until quarantined."""
     import zmq
 
-    from swarmrl.protocol import messages as m
     from swarmrl.protocol.transport import Channel, make_dealer
 
     context = zmq.Context()
@@ -73,32 +73,39 @@ def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> None:
         while not stop.is_set():
             forgers += 1
             channel = Channel(make_dealer(context, endpoint, b"F" + os.urandom(15), 2**30))
-            channel.send(m.Hello(worker_name=f"forger-{forgers}", backend="hf",
-                                 software_version="attack", max_prompts_per_lease=2))  # fmt: skip
-            version = -1
-            while not stop.is_set():
-                received = channel.recv(timeout_s=5.0)
-                message = None if received is None else received[0]
-                if isinstance(message, m.Reject) and message.reason == "quarantined":
-                    break
-                if isinstance(message, m.RunSpec | m.WeightUpdate):
-                    version = max(version, getattr(message, "weights_version", -1),
-                                  getattr(message, "version", -1))  # fmt: skip
-                elif isinstance(message, m.Lease):
-                    channel.send(m.Submission(
-                        lease_id=message.lease_id, policy_version=message.policy_version,
-                        groups=forged_completions(message, tokenizer, jitter=0.01),
-                        generation_seconds=0.5,
-                    ))  # fmt: skip
-                    continue  # the verdict comes next
-                elif isinstance(message, m.NoWork):
-                    time.sleep(message.retry_after_s)
-                elif message is None:
-                    break  # the trainer is not there (yet, or any more): connect again
-                channel.send(m.WorkRequest(max_prompts=2, weights_version=version))
+            with contextlib.suppress(TimeoutError):  # the trainer went away: start over
+                forge(channel, f"forger-{forgers}", tokenizer, stop)
             channel.close()
     finally:
         context.destroy(linger=0)
+
+
+def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event) -> None:
+    """One forger: forge every lease it gets until quarantined (or the trainer is silent)."""
+    from swarmrl.protocol import messages as m
+
+    channel.send(m.Hello(worker_name=name, backend="hf", software_version="attack",
+                         max_prompts_per_lease=2))  # fmt: skip
+    version = -1
+    while not stop.is_set():
+        received = channel.recv(timeout_s=5.0)
+        message = None if received is None else received[0]
+        if isinstance(message, m.Reject) and message.reason == "quarantined":
+            break
+        if isinstance(message, m.RunSpec | m.WeightUpdate):
+            held = getattr(message, "weights_version", getattr(message, "version", -1))
+            version = max(version, held)  # claimed: a forger holds no weights
+        elif isinstance(message, m.Lease):
+            forged = forged_completions(message, tokenizer, jitter=0.01)
+            channel.send(m.Submission(lease_id=message.lease_id, groups=forged,
+                                      policy_version=message.policy_version,
+                                      generation_seconds=0.5))  # fmt: skip
+            continue  # the verdict comes next
+        elif isinstance(message, m.NoWork):
+            time.sleep(message.retry_after_s)
+        elif message is None:
+            break  # the trainer is not there (yet, or any more): connect again
+        channel.send(m.WorkRequest(max_prompts=2, weights_version=version))
 
 
 def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -> dict[str, Any]:
