@@ -111,7 +111,6 @@ def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event) -> Non
 def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -> dict[str, Any]:
     """One `swarmrl run` (skipped if `folder` already holds it finished); its figures."""
     run_folder = folder / name.replace(" ", "-")
-    started = time.monotonic()
     if not finished(run_folder, steps):
         command = [
             sys.executable, "-m", "swarmrl", "run", "--trainer.max_steps", str(steps),
@@ -145,7 +144,6 @@ def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -
     log_text = (run_folder / "trainer.log").read_text()
     screened = re.findall(r"screened \d+ groups from new workers: (\d+) failed", log_text)
     return {
-        "minutes": (time.monotonic() - started) / 60,
         "steps": len(train),
         "heldout_before": evals[0]["accuracy"] if len(evals) > 1 else None,
         "heldout_after": evals[-1]["accuracy"],
