@@ -144,15 +144,16 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, restore: Restore | N
             f"checkpoint {path} does not fit this run: {path / OPTIMIZER_FILE} holds parameter "
             f"groups of sizes {saved_groups}, this run's optimizer {own_groups}; {hint}"
         )
+    fitting = {k: v for k, v in tensors.items() if k in names}
     if restore is not None:
-        restore({k: v for k, v in tensors.items() if k in names}, optimizer_state)
-        log.info("resumed from %s (step %d)", path, state["step"])
-        return state
-    try:
-        load_parameters_in_place(model, {k: v for k, v in tensors.items() if k in names})
-    except ValueError as error:  # checked before any parameter is written
-        raise CheckpointMismatch(f"checkpoint {path} does not fit this model: {error}") from None
-    optimizer.load_state_dict(optimizer_state)
+        restore(fitting, optimizer_state)
+    else:
+        try:
+            load_parameters_in_place(model, fitting)
+        except ValueError as error:  # checked before any parameter is written
+            detail = f"checkpoint {path} does not fit this model: {error}"
+            raise CheckpointMismatch(detail) from None
+        optimizer.load_state_dict(optimizer_state)
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
 

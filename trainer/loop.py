@@ -146,7 +146,8 @@ def train(
         log.warning("stopped by Ctrl-C at step %d", step)
     if step != saved_step:  # else nothing was trained since: that checkpoint is the final one
         save(ckpt_dir, step, model, tokenizer, optimizer, swarm, history, config, ranks)
-    final = checkpoints(ckpt_dir)[-1] if ranks.is_main and checkpoints(ckpt_dir) else None
+    kept = checkpoints(ckpt_dir) if ranks.is_main else []
+    final = kept[-1] if kept else None
     if config.eval.after and not interrupted:
         torch.set_num_threads(all_threads)  # the workers have nothing to do any more
         history["after"] = run_eval(model, tokenizer, tasks, config, metrics, step, ranks)
@@ -214,15 +215,16 @@ class Swarm:
         if not newcomers:
             return batch
         failed = check(newcomers)
-        bad = {(f.worker_id, f.prompt_index) for f in failed}
         self.proven |= {g.worker_id for g in newcomers} - {f.worker_id for f in failed}
         if not failed:
             return batch
-        self.server.report_logprob_mismatches(failed)
+        bad = {(f.worker_id, f.prompt_index) for f in failed}
         refused = [g for g in batch if (g.worker_id, g.prompt_index) in bad]
         log.info("screened %d groups from new workers: %d failed the log-prob check; refused",
                  len(newcomers), len(refused))  # fmt: skip
-        self.server.put_back([g for g in batch if g not in refused], refused)
+        kept = [g for g in batch if (g.worker_id, g.prompt_index) not in bad]
+        self.server.put_back(kept, refused)
+        self.server.report_logprob_mismatches(failed)  # may quarantine: after the put-back
         return None
 
     def after_step(

@@ -124,36 +124,38 @@ class ShardedRanks:
     def resume(self, folder: Path, model: Any, optimizer: Any) -> dict | None:
         """Rank 0 reads and checks the newest readable checkpoint (as a single process would);
         every rank then loads its shard of it. Collective; the state on every rank."""
-        import torch.distributed as dist
-
         found: dict[str, Any] = {}
 
         def keep(tensors: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
             found["tensors"], found["optimizer"] = tensors, optimizer_state
 
         state = load_latest(folder, model, optimizer, restore=keep) if self.is_main else None
-        shared: list[Any] = [state]
-        dist.broadcast_object_list(shared, src=0)  # small: step, lease state, history
-        if shared[0] is None:
+        state = from_rank0(state)  # small: step, lease state, history
+        if state is None:
             return None
         names = [name for name, _ in model.named_parameters()]
         optimizer_state = by_name(found["optimizer"], names) if self.is_main else {}
         distributed.load_full_state(model, optimizer, found.get("tensors", {}), optimizer_state)
-        return shared[0]
+        return state
 
     def agree(self, value: bool) -> bool:
         """Rank 0's `value` on every rank: decisions that keep the ranks' collectives in step."""
-        import torch.distributed as dist
-
-        shared = [value]
-        dist.broadcast_object_list(shared, src=0)
-        return bool(shared[0])
+        return bool(from_rank0(value))
 
     def close(self) -> None:
         distributed.shutdown()
 
 
 Ranks = SingleProcess | ShardedRanks
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's `value` (small, plain data) on every rank. Collective."""
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def by_name(optimizer_state: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -124,14 +124,12 @@ class SwarmServer:
                 self._charge(self.ledger.records[worker_id], "logprob_mismatch", len(failed))
 
     def put_back(self, kept: list[ScoredGroup], refused: list[ScoredGroup]) -> None:
-        """After screening a batch: `kept` go back to the buffer (but not those of a worker the
-        screening just quarantined), the prompts of `refused` back in the queue."""
+        """After screening a batch: `kept` go back to the buffer, the prompts of `refused` back
+        in the queue. (Charge the refused groups' workers after this: a worker it quarantines
+        then loses its kept groups too, as every quarantine takes its buffered groups.)"""
         with self._lock:
-            records = self.ledger.records
-            quarantined = {g.worker_id for g in kept if records[g.worker_id].quarantined}
-            self.buffer.put_back([g for g in kept if g.worker_id not in quarantined])
-            dropped = [g for g in kept if g.worker_id in quarantined]
-            self.leases.requeue([g.prompt_index for g in [*refused, *dropped]])
+            self.buffer.put_back(kept)
+            self.leases.requeue([g.prompt_index for g in refused])
 
     def worker_table(self) -> dict[str, dict[str, Any]]:
         """The ledger: every worker's counts, throughput and state, as plain data."""

@@ -177,10 +177,9 @@ def accumulate_gradients(
     totals: dict[str, float] = {"logprob_rejected": 0.0}
     mismatches: list[LogprobMismatch] = []
     for chunk in micro_batches:
-        batch = pad_batch(chunk, pad_id, device)
-        logits = completion_logits(model, batch)
-        logprobs = sequence_logprobs_from_logits(logits, batch["completion_ids"], temperature)
-        failed = mask_logprob_mismatches(chunk, logprobs, batch, band)
+        batch, logits, logprobs, failed = checked_forward(
+            model, chunk, pad_id, device, temperature, band
+        )
         mismatches += failed
         totals["logprob_rejected"] += len(failed)
         ref_logprobs = None
@@ -222,20 +221,27 @@ def screen_groups(
 
     sequences = step_sequences(groups, config, version)
     size = config.trainer.micro_batch_size
-    device = next(model.parameters()).device
+    device, temperature = next(model.parameters()).device, config.sampling.temperature
     band = LogprobBand.from_config(config)
     failed: list[LogprobMismatch] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(sequences), size):
             chunk = sequences[start : start + size]
-            batch = pad_batch(chunk, pad_id, device)
-            logits = completion_logits(model, batch)
-            logprobs = sequence_logprobs_from_logits(
-                logits, batch["completion_ids"], config.sampling.temperature
-            )
-            failed += mask_logprob_mismatches(chunk, logprobs, batch, band)
+            failed += checked_forward(model, chunk, pad_id, device, temperature, band)[3]
     return failed
+
+
+def checked_forward(
+    model: Any, chunk: list[Sequence], pad_id: int, device: Any, temperature: float,
+    band: LogprobBand,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[LogprobMismatch]]:  # fmt: skip
+    """One micro-batch's forward: (inputs, logits, the trainer's log-probs of the sampled
+    tokens, the sequences that failed the log-prob check, already masked out of `inputs`)."""
+    batch = pad_batch(chunk, pad_id, device)
+    logits = completion_logits(model, batch)
+    logprobs = sequence_logprobs_from_logits(logits, batch["completion_ids"], temperature)
+    return batch, logits, logprobs, mask_logprob_mismatches(chunk, logprobs, batch, band)
 
 
 def mask_logprob_mismatches(
