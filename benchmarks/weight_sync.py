@@ -38,10 +38,16 @@ VARIANTS = {
     "adamw+sparse": ["--trainer.weight_codec", "sparse"],
     "demo top1 1-bit": ["--trainer.optimizer", "demo", "--trainer.learning_rate", "5e-5"],
     "demo top4 bf16": [
-        "--trainer.optimizer", "demo", "--trainer.learning_rate", "5e-5",
-        "--trainer.demo.topk", "4", "--trainer.demo.value_bits", "16",
+        "--trainer.optimizer",
+        "demo",
+        "--trainer.learning_rate",
+        "5e-5",
+        "--trainer.demo.topk",
+        "4",
+        "--trainer.demo.value_bits",
+        "16",
     ],
-}  # fmt: skip
+}
 APPLIED = re.compile(r"weights now at version (\d+) \((\w+), ([\d.]+) MB, ([\d.]+)s\)")
 ZMTP_FRAME_HEADER = 9  # the longest ZMTP 3 frame header: flags + 8-byte length
 
@@ -49,7 +55,7 @@ ZMTP_FRAME_HEADER = 9  # the longest ZMTP 3 frame header: flags + 8-byte length
 def bf16_bytes() -> int:
     from safetensors import safe_open
 
-    from swarmrl.models import resolve_model
+    from swarmrl.base.models import resolve_model
 
     total = 0
     for file in Path(resolve_model(MODEL)).glob("*.safetensors"):
@@ -76,12 +82,24 @@ def run_variant(name: str, overrides: list[str], steps: int, folder: Path, befor
     if any(r["step"] == steps for r in records_of(folder / run_name, "eval")):
         return
     command = [
-        sys.executable, "-m", "swarmrl.cli", "run", *overrides,
-        "--trainer.max_steps", str(steps), "--trainer.max_minutes", "600",
-        "--checkpoint.every_steps", "0", f"--eval.before={str(before).lower()}",
-        "--logging.run_dir", str(folder), "--logging.run_name", run_name,
+        sys.executable,
+        "-m",
+        "swarmrl.cli",
+        "run",
+        *overrides,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.max_minutes",
+        "600",
+        "--checkpoint.every_steps",
+        "0",
+        f"--eval.before={str(before).lower()}",
+        "--logging.run_dir",
+        str(folder),
+        "--logging.run_name",
+        run_name,
         "--logging.tensorboard=false",
-    ]  # fmt: skip
+    ]
     log = folder / f"{run_name}.log"
     with log.open("w") as out:
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -130,8 +148,8 @@ def sparse_kl(folder: Path, prompts: int = 32) -> float:
     """Token KL(trainer fp32 || worker bf16) on held-out prompts' greedy completions."""
     import torch
 
-    from swarmrl.config import load_config
-    from swarmrl.models import load_model, load_tokenizer
+    from swarmrl.base.models import load_model, load_tokenizer
+    from swarmrl.base.recipes import load_config
     from swarmrl.trainer.data import load_tasks, prompt_text
 
     checkpoint = sorted((folder / "adamw-sparse" / "checkpoints").glob("step_*"))[-1]
@@ -159,9 +177,9 @@ def sparse_kl(folder: Path, prompts: int = 32) -> float:
 DRIFT_WORKER = """
 import sys, torch
 from pathlib import Path
-from swarmrl.models import resolve_model
-from swarmrl.protocol.codecs import weights_fingerprint
-from swarmrl.protocol.demo import apply_update
+from swarmrl.base.models import resolve_model
+from swarmrl.protocol.codecs.interface import weights_fingerprint
+from swarmrl.protocol.codecs.decoupled_momentum import apply_update
 from swarmrl.rollout.replica import base_weights
 torch.set_num_threads(1)
 tensors = base_weights(resolve_model(sys.argv[2]), "float32")
@@ -175,9 +193,9 @@ def drift(steps: int) -> dict:
     """Trainer (2 threads) steps and writes payloads; a worker process (1 thread) replays."""
     import torch
 
-    from swarmrl.config import TrainerConfig
-    from swarmrl.models import load_model
-    from swarmrl.protocol.codecs import weights_fingerprint
+    from swarmrl.base.config import TrainerConfig
+    from swarmrl.base.models import load_model
+    from swarmrl.protocol.codecs.interface import weights_fingerprint
     from swarmrl.trainer.optimizers import make_optimizer
 
     torch.set_num_threads(2)
@@ -196,8 +214,10 @@ def drift(steps: int) -> dict:
             expected[f"{step:04d}"] = weights_fingerprint(parameters)
         output = subprocess.run(
             [sys.executable, "-c", DRIFT_WORKER, folder, MODEL],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     replayed = dict(line.split() for line in output.splitlines())
     mismatched = [s for s in expected if replayed.get(s) != expected[s]]
     return {"steps": steps, "versions_compared": len(replayed), "mismatched": len(mismatched)}

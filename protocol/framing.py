@@ -25,6 +25,7 @@ from swarmrl.protocol.messages import (
     Message,
     WeightUpdate,
 )
+from swarmrl.protocol.refusals import Refused
 
 # Bounds for unpacking frame 0; each is checked before anything is allocated.
 _UNPACK_LIMITS = {
@@ -37,16 +38,12 @@ _UNPACK_LIMITS = {
 _MAX_ERRORS_SHOWN = 3
 
 
-class ProtocolError(ValueError):
+class ProtocolError(Refused, ValueError):
     """A peer sent something that is not a valid protocol message.
 
     reason: "malformed" (not a msgpack map), "bad_version", "unknown_type", "invalid" (fails
     the schema), or "too_many_frames".
     """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def encode(

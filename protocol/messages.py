@@ -1,4 +1,4 @@
-"""Protocol v1: every message the trainer and the rollout workers exchange.
+"""Protocol v2: every message the trainer and the rollout workers exchange.
 
 This module owns the schema and its limits. Each top-level message is a pydantic model with a
 `type` discriminator; `Message` is their tagged union and `MESSAGE_ADAPTER` validates untrusted
@@ -17,7 +17,8 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-PROTOCOL_VERSION = 1
+# 2: Submission lost worker_rewards and Accept accepted_groups (nobody read them).
+PROTOCOL_VERSION = 2
 
 MAX_PROMPTS_PER_LEASE = 256
 MAX_GENERATIONS = 64
@@ -54,7 +55,7 @@ class Hello(_Model):
     protocol_version: int = PROTOCOL_VERSION
     worker_name: Name
     backend: Name
-    software_version: Name
+    software_version: Name  # the worker's swarmrl version, for the ledger
     max_prompts_per_lease: int = Field(ge=1)
     weights_version: WeightsVersion = -1
 
@@ -101,7 +102,8 @@ class LeasePrompt(_Model):
 
 
 class Lease(_Model):
-    """Trainer -> worker: sample num_generations completions per prompt within deadline_s."""
+    """Trainer -> worker: sample num_generations completions per prompt within deadline_s (a
+    worker that cannot submit in time drops the lease: the trainer has leased it again)."""
 
     type: Literal["lease"] = "lease"
     lease_id: Id
@@ -142,17 +144,12 @@ class Submission(_Model):
     lease_id: Id
     policy_version: Version
     groups: list[GroupResult] = Field(min_length=1, max_length=MAX_PROMPTS_PER_LEASE)
-    generation_seconds: Seconds
-    # Informational (the worker's own scores, for its logs); the trainer never trusts it.
-    worker_rewards: list[Annotated[list[float], Field(max_length=MAX_GENERATIONS)]] | None = Field(
-        default=None, max_length=MAX_PROMPTS_PER_LEASE
-    )
+    generation_seconds: Seconds  # how long the engine took; the ledger keeps it
 
 
 class Accept(_Model):
     type: Literal["accept"] = "accept"
     lease_id: Id
-    accepted_groups: int = Field(ge=0, le=MAX_PROMPTS_PER_LEASE)
 
 
 class Reject(_Model):

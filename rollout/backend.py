@@ -1,34 +1,53 @@
-"""The inference-backend interface every rollout engine implements (HF transformers now, vLLM next).
+"""The inference-backend interface every rollout engine implements, and its engine options.
 
 A backend owns one model copy and answers two questions: "sample `n` completions for each of
 these token-id prompts, with per-token log-probs of the sampled tokens under the sampling
 distribution" and "replace your weights with these tensors, in place". The worker loop knows
-nothing else about the engine.
+nothing else about the engine. Backends are registered in backends.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar
+
+from swarmrl.base.generation import Sample
 
 if TYPE_CHECKING:
     import torch
 
     from swarmrl.protocol.messages import SamplingParams
 
+__all__ = ["EngineOptions", "InferenceBackend", "Sample"]
+
 
 @dataclass
-class Sample:
-    token_ids: list[int]
-    logprobs: list[float]  # processed: after temperature / top-k / top-p, renormalised
-    finish_reason: Literal["stop", "length"]
-    text: str  # token_ids decoded without special tokens
+class EngineOptions:
+    """What a worker's operator may tune about its engine (`swarmrl worker --help`)."""
+
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
 
 
-class InferenceBackend(Protocol):
-    name: str
+class InferenceBackend(ABC):
+    name: ClassVar[str]
 
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this machine has what the backend needs (for `--backend auto`)."""
+        return True
+
+    @classmethod
+    @abstractmethod
+    def from_reference(
+        cls, reference: str, dtype: str, device: str, options: EngineOptions
+    ) -> InferenceBackend:
+        """Load the model a run spec names (a Hub id, a folder or a `pkg:` reference)."""
+
+    @abstractmethod
     def generate(
         self,
         prompts: list[list[int]],
@@ -37,28 +56,7 @@ class InferenceBackend(Protocol):
         seeds: list[int],
     ) -> list[list[Sample]]:
         """`num_generations` samples per prompt, in prompt order."""
-        ...
 
+    @abstractmethod
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace all weights in place; raise ValueError and change nothing if they don't fit."""
-        ...
-
-
-BACKENDS = ("auto", "vllm", "hf")
-
-
-def make_backend(
-    name: str, model: str, dtype: str, device: str, engine: Any = None
-) -> InferenceBackend:
-    """`auto` is vLLM when it is installed, else Hugging Face transformers."""
-    if name == "auto":
-        name = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-    if name == "vllm":
-        from swarmrl.rollout.vllm_backend import VLLMBackend
-
-        return VLLMBackend.from_reference(model, dtype=dtype, device=device, options=engine)
-    if name == "hf":
-        from swarmrl.rollout.hf_backend import HFBackend
-
-        return HFBackend.from_reference(model, dtype=dtype, device=device)
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")

@@ -1,7 +1,7 @@
 """The worker's copy of the weights the trainer published: what every delta is replayed on.
 
-It lives on the CPU in the published dtype (the trainer's dtype for `full` and `demo`, bf16
-for `sparse`), whatever the inference engine runs in, so replaying a delta gives the same
+It lives on the CPU in the dtype the codec publishes (protocol/codecs: the trainer's dtype, or
+bf16 for `sparse`), whatever the inference engine runs in, so replaying a delta gives the same
 bits on any worker and the engine only ever loads a copy. A keyframe replaces it. A delta
 must start from the version this worker holds; the copy of version 0 is read from the model
 folder the first time a delta arrives. After each replay the copy must match the announced
@@ -13,14 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swarmrl.protocol import demo, sparse
+from swarmrl.base.config import ConfigError
 from swarmrl.protocol import messages as m
-from swarmrl.protocol.codecs import PayloadError, check_fingerprint, decode_full
+from swarmrl.protocol.codecs import get_codec
+from swarmrl.protocol.codecs.full import decode_full
+from swarmrl.protocol.codecs.interface import PayloadError, check_fingerprint
 
 if TYPE_CHECKING:
     import torch
-
-DELTA_CODECS = {"demo": demo.apply_update, "sparse": sparse.apply_update}
 
 
 class NeedKeyframe(PayloadError):
@@ -37,12 +37,13 @@ class Replica:
         self, update: m.WeightUpdate, payload: bytes | memoryview, held_version: int
     ) -> dict[str, torch.Tensor]:
         """The published weights after `update`; PayloadError leaves the copy as it was."""
-        if update.codec == "full":
+        if update.base_version < 0:  # a keyframe
             self.tensors = decode_full(payload, update.fingerprint)
             return self.tensors
-        replay = DELTA_CODECS.get(update.codec)
-        if replay is None:
-            raise NeedKeyframe(f"unknown weight codec {update.codec!r}")
+        try:
+            codec = get_codec(update.codec)
+        except ConfigError as error:
+            raise NeedKeyframe(str(error)) from None
         if update.base_version != held_version or held_version < 0:
             raise NeedKeyframe(
                 f"delta {update.base_version}->{update.version} but this worker holds "
@@ -51,8 +52,8 @@ class Replica:
         if self.tensors is None:
             if held_version != 0:
                 raise NeedKeyframe("no copy of the published weights to replay on")
-            self.tensors = base_weights(self.model_folder, self.published_dtype(update.codec))
-        replay(payload, self.tensors)
+            self.tensors = base_weights(self.model_folder, codec.published_dtype(self.dtype))
+        codec.apply(payload, self.tensors)
         try:
             check_fingerprint(self.tensors, update.fingerprint)
         except PayloadError as error:
@@ -61,9 +62,6 @@ class Replica:
                 f"drifted from the trainer at version {update.version}: {error}"
             ) from None
         return self.tensors
-
-    def published_dtype(self, codec: str) -> str:
-        return "bfloat16" if codec == "sparse" else self.dtype
 
 
 def base_weights(model_folder: str, dtype: str) -> dict[str, torch.Tensor]:

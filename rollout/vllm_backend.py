@@ -10,12 +10,13 @@ worker extension below feeds them to vLLM's own `reload_weights`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from swarmrl.rollout.backend import Sample
+from swarmrl.base.models import load_tokenizer, resolve_model
+from swarmrl.rollout.backend import EngineOptions, InferenceBackend, Sample
 
 if TYPE_CHECKING:
     import torch
@@ -23,14 +24,6 @@ if TYPE_CHECKING:
     from swarmrl.protocol.messages import SamplingParams
 
 log = logging.getLogger("worker")
-
-
-@dataclass
-class EngineOptions:
-    gpu_memory_utilization: float = 0.85
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
 
 
 class WeightReloader:
@@ -66,8 +59,12 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
-class VLLMBackend:
+class VLLMBackend(InferenceBackend):
     name = "vllm"
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("vllm") is not None
 
     def __init__(self, llm: Any, tokenizer: Any, shapes: dict[str, tuple[int, ...]]) -> None:
         self.llm = llm
@@ -78,8 +75,6 @@ class VLLMBackend:
     def from_reference(
         cls, reference: str, dtype: str, device: str, options: EngineOptions | None = None
     ) -> VLLMBackend:
-        from swarmrl.models import load_tokenizer, resolve_model
-
         version = check_vllm_version()
         options = options or EngineOptions()
         on_cpu = device == "cpu"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -22,14 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmrl import __version__
-from swarmrl.models import pick_device, resolve_model
+from swarmrl.base.models import pick_device, resolve_model
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.auth import CurveClient
-from swarmrl.protocol.codecs import PayloadError
+from swarmrl.protocol.codecs.interface import PayloadError
 from swarmrl.protocol.framing import ProtocolError
 from swarmrl.protocol.transport import Channel, make_dealer
+from swarmrl.rollout.backend import EngineOptions
 from swarmrl.rollout.replica import Replica
-from swarmrl.rollout.vllm_backend import EngineOptions
+from swarmrl.rollout.rollouts import sample_groups
 
 log = logging.getLogger("worker")
 
@@ -74,6 +76,7 @@ class Worker:
         self.inbox: deque[tuple[Any, list]] = deque()  # run specs, leases, weights, in order
         self.requested = False  # a work request is out and not yet answered
         self.submitted: dict[str, tuple[int, int, float]] = {}  # awaiting a verdict
+        self.deadlines: dict[str, float] = {}  # lease id -> when the trainer leases it again
         self.next_beat = 0.0
         self.stopping = False
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -119,20 +122,28 @@ class Worker:
             self.channel.close()
         self.inbox.clear()  # leases and verdicts of the old connection are void
         self.submitted.clear()
+        self.deadlines.clear()
         self.requested = False
         self.channel = Channel(
             make_dealer(
-                self.context, self.options.connect, self.identity, WEIGHTS_MESSAGE_LIMIT,
+                self.context,
+                self.options.connect,
+                self.identity,
+                WEIGHTS_MESSAGE_LIMIT,
                 curve=self.options.curve,
             )
-        )  # fmt: skip
+        )
         try:
-            self._send(m.Hello(
-                protocol_version=m.PROTOCOL_VERSION, worker_name=self.options.name,
-                backend=self.options.backend, software_version=__version__,
-                max_prompts_per_lease=self.options.max_prompts_per_lease,
-                weights_version=self.version,
-            ))  # fmt: skip
+            self._send(
+                m.Hello(
+                    protocol_version=m.PROTOCOL_VERSION,
+                    worker_name=self.options.name,
+                    backend=self.options.backend,
+                    software_version=__version__,
+                    max_prompts_per_lease=self.options.max_prompts_per_lease,
+                    weights_version=self.version,
+                )
+            )
             spec, _ = self._await((m.RunSpec,), timeout_s=30.0)
         except TrainerGone as gone:  # a refused CURVE handshake looks just like silence
             curve = self.options.curve
@@ -151,26 +162,20 @@ class Worker:
                 self.backend = None
         self.spec = spec
         self.trainer_version = spec.weights_version
-        log.info(
-            "connected to %s as %s (run %s, trainer at version %d)",
-            self.options.connect,
-            spec.worker_id,
-            spec.run_id,
-            spec.weights_version,
-        )
+        where = f"{self.options.connect} as {spec.worker_id} (run {spec.run_id}"
+        log.info("connected to %s, trainer at version %d)", where, spec.weights_version)
         if self.backend is None:
             self.backend = self._in_background(self._load_backend, spec)
             self.replica = Replica(resolve_model(spec.model), spec.dtype)
             self.version = 0  # the run's base weights are version 0
 
     def _load_backend(self, spec: m.RunSpec) -> Any:
-        from swarmrl.rollout.backend import make_backend
+        from swarmrl.rollout.backends import make_backend
 
-        device = pick_device(self.options.device)
+        device, backend = pick_device(self.options.device), self.options.backend
         dtype = spec.dtype if self.options.dtype == "auto" else self.options.dtype
-        log.info("loading %s (%s) with the %s backend on %s",
-                 spec.model, dtype, self.options.backend, device)  # fmt: skip
-        return make_backend(self.options.backend, spec.model, dtype, device, self.options.engine)
+        log.info("loading %s (%s) with the %s backend on %s", spec.model, dtype, backend, device)
+        return make_backend(backend, spec.model, dtype, device, self.options.engine)
 
     def _send(self, message: Any, timeout_s: float = 30.0) -> None:
         """Queue `message`, waiting in short slices (a stop request ends the wait: a blocking
@@ -222,6 +227,8 @@ class Worker:
         elif isinstance(message, (m.RunSpec, *WORK)):
             if isinstance(message, WORK):
                 self.requested = False
+            if isinstance(message, m.Lease):  # its deadline counts from receipt: no clock skew
+                self.deadlines[message.lease_id] = time.monotonic() + message.deadline_s
             self.inbox.append((message, blobs))
         else:
             log.warning("skipped an unexpected %s from the trainer", message.type)
@@ -308,7 +315,7 @@ class Worker:
             self._in_background(self._replay, update, blobs[0])
         except (PayloadError, ValueError) as error:  # checked before the engine was touched
             log.error("weight update %d (%s) refused: %s", update.version, update.codec, error)
-            if update.codec != "full":
+            if update.base_version >= 0:  # a delta: the chain cannot go on from here
                 self.version = -1
             return
         except TrainerGone:
@@ -318,13 +325,10 @@ class Worker:
             log.exception("weight update %d failed half-way; asking for a keyframe", update.version)
             self.version = -1
             return
-        self.version = update.version
+        self.version, took = update.version, time.monotonic() - started
+        size = f"{update.num_bytes / 1e6:.3f} MB"
         log.info(
-            "weights now at version %d (%s, %.3f MB, %.2fs)",
-            update.version,
-            update.codec,
-            update.num_bytes / 1e6,
-            time.monotonic() - started,
+            "weights now at version %d (%s, %s, %.2fs)", update.version, update.codec, size, took
         )
 
     def _replay(self, update: m.WeightUpdate, payload: bytes) -> None:
@@ -336,24 +340,14 @@ class Worker:
         handled whenever it arrives."""
         assert self.spec is not None
         started, version = time.monotonic(), self.version
+        deadline = self.deadlines.pop(lease.lease_id, math.inf)
         last = (
             self.options.max_leases is not None and self.leases_done + 1 >= self.options.max_leases
         )
         if not self.requested and not self.inbox and not last:
             self._request_work()  # the engine should not sit idle on the network
         try:
-            samples = self._in_background(
-                self.backend.generate, [p.token_ids for p in lease.prompts],
-                lease.num_generations, self.spec.sampling, [p.seed for p in lease.prompts],
-            )  # fmt: skip
-            groups = [
-                m.GroupResult(prompt_id=prompt.prompt_id, completions=[
-                    m.Completion(token_ids=s.token_ids, logprobs=s.logprobs, text=s.text,
-                                 finish_reason=s.finish_reason)
-                    for s in group
-                ])
-                for prompt, group in zip(lease.prompts, samples, strict=True)
-            ]  # fmt: skip
+            groups = self._in_background(sample_groups, self.backend, lease, self.spec.sampling)
         except TrainerGone:
             raise
         except Exception:  # the engine failed on this lease: let it expire, keep working
@@ -364,25 +358,26 @@ class Worker:
         elapsed = time.monotonic() - started
         if self.options.slowdown > 1:
             self._sleep_with_heartbeats((self.options.slowdown - 1) * elapsed)
+        if time.monotonic() > deadline:
+            log.warning(
+                "lease %s passed its deadline; not submitted (leased again)", lease.lease_id
+            )
+            return
+        lease_id = lease.lease_id
         self._send(
             m.Submission(
-                lease_id=lease.lease_id,
-                policy_version=version,
-                groups=groups,
-                generation_seconds=elapsed,
+                lease_id=lease_id, policy_version=version, groups=groups, generation_seconds=elapsed
             )
         )
-        tokens = sum(len(s.token_ids) for group in samples for s in group)
-        self.submitted[lease.lease_id] = (sum(len(g) for g in samples), tokens, elapsed)
+        tokens = sum(len(c.token_ids) for group in groups for c in group.completions)
+        self.submitted[lease.lease_id] = (sum(len(g.completions) for g in groups), tokens, elapsed)
         self.leases_done += 1
 
     def _verdict(self, reply: m.Accept | m.Reject) -> None:
         completions, tokens, elapsed = self.submitted.pop(reply.lease_id)
         if isinstance(reply, m.Accept):
-            log.info(
-                "lease %s: %d completions, %d tokens in %.1fs (%.0f tok/s), accepted",
-                reply.lease_id, completions, tokens, elapsed, tokens / max(elapsed, 1e-6),
-            )  # fmt: skip
+            speed = f"{tokens} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-6):.0f} tok/s)"
+            log.info("lease %s: %d completions, %s, accepted", reply.lease_id, completions, speed)
         else:
             log.warning("lease %s rejected: %s (%s)", reply.lease_id, reply.reason, reply.detail)
 

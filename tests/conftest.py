@@ -34,7 +34,7 @@ FAST_RUN = [
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from swarmrl.models import resolve_model
+    from swarmrl.base.models import resolve_model
 
     return resolve_model(DEFAULT_MODEL)
 
@@ -66,19 +66,37 @@ def start_trainer(
     """`swarmrl train` with FAST_RUN on a free loopback port; logs in tmp_path/name/."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     trainer = swarmrl(
-        "train", *FAST_RUN, "--bind", endpoint, "--trainer.max_steps", str(steps), *extra,
-        "--logging.run_dir", str(tmp_path), "--logging.run_name", name,
+        "train",
+        *FAST_RUN,
+        "--bind",
+        endpoint,
+        "--trainer.max_steps",
+        str(steps),
+        *extra,
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        name,
         log=tmp_path / f"{name}-console.log",
-    )  # fmt: skip
+    )
     return trainer, endpoint
 
 
 def start_worker(tmp_path: Path, endpoint: str, name: str, *extra: str) -> subprocess.Popen:
     """`swarmrl worker` (transformers backend unless `extra` says otherwise), log in tmp_path."""
     return swarmrl(
-        "worker", "--backend", "hf", "--connect", endpoint, "--name", name, "--threads", "1",
-        *extra, log=tmp_path / f"{name}.log",
-    )  # fmt: skip
+        "worker",
+        "--backend",
+        "hf",
+        "--connect",
+        endpoint,
+        "--name",
+        name,
+        "--threads",
+        "1",
+        *extra,
+        log=tmp_path / f"{name}.log",
+    )
 
 
 def wait_for_text(

@@ -27,16 +27,16 @@ import pytest
 import zmq
 
 from benchmarks.attack_curve import forged_completions
-from swarmrl.config import Config
+from swarmrl.base.config import Config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import encode
 from swarmrl.protocol.transport import Channel, make_dealer
 from swarmrl.rewards import load_reward_function
 from swarmrl.trainer.data import load_tasks
 from swarmrl.trainer.leases import LeaseBook
+from swarmrl.trainer.logprob_check import LogprobMismatch
 from swarmrl.trainer.publish import Delta, Published, WeightPublisher
 from swarmrl.trainer.server import SwarmServer
-from swarmrl.trainer.verify import LogprobMismatch
 from tests.conftest import start_trainer, start_worker, wait_for_text
 
 
@@ -64,8 +64,11 @@ class Peer:
         return None
 
     def hello(self, name: str) -> m.RunSpec:
-        self.send(m.Hello(worker_name=name, backend="hf", software_version="test",
-                          max_prompts_per_lease=1))  # fmt: skip
+        self.send(
+            m.Hello(
+                worker_name=name, backend="hf", software_version="test", max_prompts_per_lease=1
+            )
+        )
         spec = self.receive()
         assert isinstance(spec, m.RunSpec), spec
         self.version = spec.weights_version
@@ -88,9 +91,12 @@ class Peer:
 
 def completion(tokenizer: Any, text: str, logprob: float = -1.0) -> m.Completion:
     ids = tokenizer.encode(text, add_special_tokens=False)
-    return m.Completion(token_ids=ids, logprobs=[logprob] * len(ids),
-                        text=tokenizer.decode(ids, skip_special_tokens=True),
-                        finish_reason="stop")  # fmt: skip
+    return m.Completion(
+        token_ids=ids,
+        logprobs=[logprob] * len(ids),
+        text=tokenizer.decode(ids, skip_special_tokens=True),
+        finish_reason="stop",
+    )
 
 
 def submission(
@@ -99,11 +105,12 @@ def submission(
     return m.Submission(
         lease_id=lease.lease_id,
         policy_version=lease.policy_version if version is None else version,
-        groups=[m.GroupResult(prompt_id=p.prompt_id, completions=completions)
-                for p in lease.prompts],
+        groups=[
+            m.GroupResult(prompt_id=p.prompt_id, completions=completions) for p in lease.prompts
+        ],
         generation_seconds=0.1,
         **extra,
-    )  # fmt: skip
+    )
 
 
 def answer_of(lease: m.Lease, tasks: Any) -> str:
@@ -112,7 +119,7 @@ def answer_of(lease: m.Lease, tasks: Any) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer(model_path: str) -> Any:
-    from swarmrl.models import load_tokenizer
+    from swarmrl.base.models import load_tokenizer
 
     return load_tokenizer(model_path)
 
@@ -133,15 +140,24 @@ def swarm(tokenizer: Any) -> Iterator[Callable[..., SwarmServer]]:
         config = Config(
             sampling={"num_generations": 2, "max_completion_length": 16},
             trainer={"prompts_per_step": 2, "max_staleness": 1},
-            swarm={"prompts_per_lease": 1, "max_message_mb": 1, "heartbeat_timeout_s": 60,
-                   "quarantine_rejections": 4, "quarantine_fraction": 0.5, **swarm},
-        )  # fmt: skip
+            swarm={
+                "prompts_per_lease": 1,
+                "max_message_mb": 1,
+                "heartbeat_timeout_s": 60,
+                "quarantine_rejections": 4,
+                "quarantine_fraction": 0.5,
+                **swarm,
+            },
+        )
         server = SwarmServer(
-            config, tokenizer, load_tasks(config.data, 0),
+            config,
+            tokenizer,
+            load_tasks(config.data, 0),
             [("integer_match", load_reward_function("integer_match"), 1.0)],
-            LeaseBook(config.data.seed, config.swarm.lease_timeout_s),
-            WeightPublisher(Published(version=0, fingerprint="base", keyframe=b"")), "adversarial",
-        )  # fmt: skip
+            LeaseBook.from_config(config),
+            WeightPublisher(Published(version=0, fingerprint="base", keyframe=b"")),
+            "adversarial",
+        )
         server.start()
         started.append(server)
         return server
@@ -163,14 +179,14 @@ def test_rewards_are_the_trainers_own_never_the_workers(
     liar.hello("liar")
     lease = liar.lease()
     wrong = [completion(tokenizer, "1"), completion(tokenizer, "2")]
-    claimed = submission(lease, wrong, worker_rewards=[[1.0, 1.0]])
+    claimed = submission(lease, wrong)
     assert isinstance(liar.submit(claimed), m.Accept)
     assert server.take_rewards() == [0.0, 0.0]  # scored by the trainer: both wrong
     assert len(server.buffer) == 0  # no reward spread: nothing to train on
     lease = liar.lease()
     gold = answer_of(lease, server.intake.tasks)
     mixed = [completion(tokenizer, gold), completion(tokenizer, "0")]
-    assert isinstance(liar.submit(submission(lease, mixed, worker_rewards=[[0.0, 1.0]])), m.Accept)
+    assert isinstance(liar.submit(submission(lease, mixed)), m.Accept)
     assert [g.rewards for g in server.buffer.peek()] == [[1.0, 0.0]]
 
 
@@ -251,8 +267,9 @@ def test_oversized_messages_are_refused_before_they_are_decoded(
     bulky.hello("bulky")
     lease = bulky.lease()
     ids = [100] * 9000  # schema-valid, far more than max_completion_length allows
-    huge = m.Completion(token_ids=ids, logprobs=[-1.0] * 9000, text=tokenizer.decode(ids),
-                        finish_reason="length")  # fmt: skip
+    huge = m.Completion(
+        token_ids=ids, logprobs=[-1.0] * 9000, text=tokenizer.decode(ids), finish_reason="length"
+    )
     refused = bulky.submit(submission(lease, [huge, huge]))
     assert isinstance(refused, m.Reject) and refused.reason == "too_large", refused
     assert str(server.gate.max_message_bytes) in refused.detail
@@ -385,8 +402,11 @@ def test_garbage_and_lies_quarantine_a_worker_and_its_leases_go_back(
     told = cheat.submit(submission(lease, [lie, lie]))
     assert isinstance(told, m.Reject) and told.reason == "text_mismatch", told
     held = cheat.lease()  # 1 + 2 faulty samples so far; this lease is open
-    cheat.send(m.Lease(lease_id="x", policy_version=0, num_generations=2, deadline_s=1.0,
-                       prompts=held.prompts))  # fmt: skip
+    cheat.send(
+        m.Lease(
+            lease_id="x", policy_version=0, num_generations=2, deadline_s=1.0, prompts=held.prompts
+        )
+    )
     assert cheat.receive().reason == "unexpected"
     cheat.send_frames([b"\xc1"])  # 5 faults > quarantine_rejections 4, and all it sent
     assert cheat.receive().reason == "malformed"
@@ -440,10 +460,11 @@ def forge_until_quarantined(endpoint: str, tokenizer: Any, timeout_s: float) -> 
                 continue
             if isinstance(answer, m.Lease):
                 sent = m.Submission(
-                    lease_id=answer.lease_id, policy_version=answer.policy_version,
-                    groups=forged_completions(answer, tokenizer), generation_seconds=0.1,
-                    worker_rewards=[[1.0] * 4] * len(answer.prompts),
-                )  # fmt: skip
+                    lease_id=answer.lease_id,
+                    policy_version=answer.policy_version,
+                    groups=forged_completions(answer, tokenizer),
+                    generation_seconds=0.1,
+                )
                 answer = forger.submit(sent)
                 if isinstance(answer, m.Accept) and not replayed:
                     answer, replayed = forger.submit(sent), True
@@ -487,9 +508,13 @@ def test_forged_completions_are_screened_out_and_the_forger_quarantined_while_tr
     # Screened before a step (the forger was new): no forged sequence took a step's slot.
     assert re.search(r"screened \d+ groups from new workers: [1-9]\d* failed", log), log
     assert sum(s["logprob_rejected"] for s in steps if s["kind"] == "train") == 0
-    status = subprocess.run([sys.executable, "-m", "swarmrl", "status", str(folder)],
-                            capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "swarmrl", "status", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     assert status.returncode == 0, status.stderr
     rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[2:]}
     assert rows["forger"] == "quarantined" and rows["honest"] in ("connected", "left"), rows

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from swarmrl.config import Config, SwarmConfig, load_config
-from swarmrl.launch import close_swarm, worker_command
+from swarmrl.base.config import Config, SwarmConfig
+from swarmrl.base.recipes import load_config
+from swarmrl.cli.launch import close_swarm, worker_command
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.auth import (
     CurveClient,
@@ -110,7 +111,7 @@ def test_recipe_key_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
 @pytest.fixture
 def closed_swarm(tmp_path: Path, model_path: str):
     """A started SwarmServer on loopback that accepts only `allowed`'s key (and its own)."""
-    from swarmrl.models import load_tokenizer
+    from swarmrl.base.models import load_tokenizer
 
     _, trainer_secret = new_key_pair(tmp_path, "trainer")
     _, allowed_secret = new_key_pair(tmp_path, "allowed")
@@ -118,10 +119,14 @@ def closed_swarm(tmp_path: Path, model_path: str):
     allow.write_text(f"# one worker\n{load_key_pair(allowed_secret).public.decode()}\n")
     swarm = SwarmConfig(allow_keys=str(allow), trainer_key=str(trainer_secret))
     server = SwarmServer(
-        Config(swarm=swarm), tokenizer=load_tokenizer(model_path), tasks=None, reward_functions=[],
-        leases=LeaseBook(seed=0, lease_timeout_s=60.0), weights=SimpleNamespace(version=0),
+        Config(swarm=swarm),
+        tokenizer=load_tokenizer(model_path),
+        tasks=None,
+        reward_functions=[],
+        leases=LeaseBook(seed=0, lease_timeout_s=60.0),
+        weights=SimpleNamespace(version=0),
         run_id="auth-test",
-    )  # fmt: skip
+    )
     server.start()
     trainer = load_key_pair(trainer_secret)
     yield SimpleNamespace(
@@ -196,9 +201,14 @@ def test_missing_trainer_key_is_an_error(tmp_path: Path) -> None:
     allow.write_text("")
     with pytest.raises(KeyFileError, match=re.escape("needs swarm.trainer_key")):
         SwarmServer(
-            Config(swarm=SwarmConfig(allow_keys=str(allow))), None, None, [],
-            LeaseBook(seed=0, lease_timeout_s=60.0), SimpleNamespace(version=0), "x",
-        )  # fmt: skip
+            Config(swarm=SwarmConfig(allow_keys=str(allow))),
+            None,
+            None,
+            [],
+            LeaseBook(seed=0, lease_timeout_s=60.0),
+            SimpleNamespace(version=0),
+            "x",
+        )
 
 
 # ---- swarmrl run / train and the CLI ----------------------------------------------------
@@ -262,10 +272,20 @@ def test_closed_local_run_trains(model_path: str, tmp_path: Path) -> None:
     allow.write_text("# only the local workers\n")
     log = tmp_path / "run.log"
     process = swarmrl(
-        "run", *FAST_RUN, "--allow-keys", str(allow), "--swarm.workers", "1",
-        "--trainer.max_steps", "1", "--logging.run_dir", str(tmp_path),
-        "--logging.run_name", "closed", log=log,
-    )  # fmt: skip
+        "run",
+        *FAST_RUN,
+        "--allow-keys",
+        str(allow),
+        "--swarm.workers",
+        "1",
+        "--trainer.max_steps",
+        "1",
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        "closed",
+        log=log,
+    )
     assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
     output, folder = log.read_text(), tmp_path / "closed"
     assert int(re.search(r"worker-1: (\d+) samples accepted", output)[1]) > 0

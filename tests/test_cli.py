@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from swarmrl.cli import main, split_overrides
+from swarmrl.base.recipes import split_overrides
+from swarmrl.cli import main
 
 
 def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -145,8 +146,8 @@ def test_cli_import_stays_light(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     loaded_heavy, loaded_swarmrl = result.stdout.splitlines()
     assert loaded_heavy == ""
-    assert "swarmrl.config" in loaded_swarmrl.split(",")
-    for part in ("trainer", "rollout", "protocol", "rewards", "models", "launch"):
+    assert "swarmrl.base.config" in loaded_swarmrl.split(",")
+    for part in ("trainer", "rollout", "protocol", "rewards", "base.models", "cli.launch"):
         assert f"swarmrl.{part}" not in loaded_swarmrl
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import swarmrl
-from swarmrl.config import DataConfig, load_config
+from swarmrl.base.config import DataConfig
+from swarmrl.base.recipes import load_config
 from swarmrl.rewards import load_reward_function, score_completions
 from swarmrl.rewards import sandbox as sandbox_module
 from swarmrl.rewards.code import (

@@ -1,18 +1,12 @@
-"""Tests for swarmrl.config: recipe loading, typed overrides, error messages, TOML round trip."""
+"""The config tree and recipes: loading, typed overrides, error messages, TOML round trip."""
 
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from swarmrl.config import (
-    Config,
-    ConfigError,
-    load_config,
-    parse_overrides,
-    recipe_path,
-    to_toml,
-)
+from swarmrl.base.config import Config, ConfigError
+from swarmrl.base.recipes import load_config, parse_overrides, recipe_path, to_toml
 
 
 def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:

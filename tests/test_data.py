@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from swarmrl.config import DataConfig
+from swarmrl.base.config import DataConfig
 from swarmrl.trainer.data import (
     ArithmeticTasks,
     DatasetTasks,
@@ -264,7 +264,7 @@ def test_gsm8k_recipe_loads_offline_from_a_local_fixture(tmp_path, monkeypatch) 
     """The shipped GSM8K recipe, pointed at local files in the GSM8K format (no Hub)."""
     from pathlib import Path
 
-    from swarmrl.config import load_config
+    from swarmrl.base.recipes import load_config
     from swarmrl.rewards import load_reward_function
     from swarmrl.trainer.data import load_tasks
 

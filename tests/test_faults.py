@@ -55,9 +55,14 @@ def tiny_model(seed: int, hidden: int = 32) -> tuple[Any, Any]:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
@@ -250,9 +255,16 @@ def test_stopped_worker_comes_back_and_catches_up_with_deltas(
     itself and replays the deltas it missed (same run: no keyframe needed)."""
     folder = tmp_path / "pause"
     trainer, endpoint = start_trainer(
-        tmp_path, "pause", 30, "--logging.level", "debug", "--trainer.optimizer", "demo",
-        "--checkpoint.every_steps", "0",
-    )  # fmt: skip
+        tmp_path,
+        "pause",
+        30,
+        "--logging.level",
+        "debug",
+        "--trainer.optimizer",
+        "demo",
+        "--checkpoint.every_steps",
+        "0",
+    )
     helper = start_worker(tmp_path, endpoint, "helper")
     victim = start_worker(tmp_path, endpoint, "victim")
     trainer_log, victim_log = folder / "trainer.log", tmp_path / "victim.log"
@@ -313,9 +325,18 @@ def test_killed_trainer_resumes_without_losing_or_repeating_a_prompt(
     (new run: a keyframe). Then a damaged newest checkpoint makes --resume use the previous."""
     folder = tmp_path / "crash"
     trainer, endpoint = start_trainer(
-        tmp_path, "crash", 50, "--logging.level", "debug", "--trainer.optimizer", "demo",
-        "--checkpoint.every_steps", "1", "--checkpoint.keep", "2",
-    )  # fmt: skip
+        tmp_path,
+        "crash",
+        50,
+        "--logging.level",
+        "debug",
+        "--trainer.optimizer",
+        "demo",
+        "--checkpoint.every_steps",
+        "1",
+        "--checkpoint.keep",
+        "2",
+    )
     workers = [start_worker(tmp_path, endpoint, name) for name in ("w1", "w2")]
     trainer_log, checkpoint_dir = folder / "trainer.log", folder / "checkpoints"
     resumed: subprocess.Popen | None = None
@@ -334,9 +355,13 @@ def test_killed_trainer_resumes_without_losing_or_repeating_a_prompt(
         next_index, owed = owed_prompts(last)
 
         resumed = swarmrl(
-            "train", "--resume", str(folder), "--trainer.max_steps", str(step + 1),
+            "train",
+            "--resume",
+            str(folder),
+            "--trainer.max_steps",
+            str(step + 1),
             log=tmp_path / "resume-console.log",
-        )  # fmt: skip
+        )
         assert resumed.wait(timeout=600) == 0, (tmp_path / "resume-console.log").read_text()[-3000:]
         assert all(w.poll() is None for w in workers)  # nobody restarted the workers
     finally:
@@ -392,9 +417,13 @@ def test_killed_trainer_resumes_without_losing_or_repeating_a_prompt(
     assert newest.name == f"step_{step + 1}"
     truncate(newest / "model.safetensors")
     again = swarmrl(
-        "train", "--resume", str(folder), "--trainer.max_steps", str(step),
+        "train",
+        "--resume",
+        str(folder),
+        "--trainer.max_steps",
+        str(step),
         log=tmp_path / "damaged-console.log",
-    )  # fmt: skip
+    )
     assert again.wait(timeout=300) == 0, (tmp_path / "damaged-console.log").read_text()[-3000:]
     log = trainer_log.read_text()[len(crashed_log) + len(after) :]
     assert f"{newest} is unreadable: {newest / 'model.safetensors'}" in log, log[-3000:]
@@ -411,8 +440,9 @@ def tmpfs() -> Iterator[Any]:
         folder.mkdir(parents=True)
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             if os.environ.get("CI"):
                 pytest.fail(f"CI must be able to mount a tmpfs: {done.stderr}")

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from swarmrl.trainer.leases import LeaseBook, LeaseError, WaitingWorkers, prompt_id
+from swarmrl.protocol.refusals import Refused
+from swarmrl.trainer.leases import LeaseBook, WaitingWorkers, prompt_id
 
 
 def book(seed: int = 0, timeout: float = 10.0) -> LeaseBook:
@@ -51,13 +52,13 @@ def test_close_returns_the_lease_and_frees_it() -> None:
     assert leases.close(lease.lease_id, "w1", now=10.0) is lease  # deadline itself is in time
     assert leases.open == {}
     assert leases.outstanding == 0
-    with pytest.raises(LeaseError) as caught:
+    with pytest.raises(Refused) as caught:
         leases.close(lease.lease_id, "w1", now=10.0)
     assert caught.value.reason == "unknown_lease"
 
 
 def test_close_unknown_lease() -> None:
-    with pytest.raises(LeaseError) as caught:
+    with pytest.raises(Refused) as caught:
         book().close("L9", "w1", now=0.0)
     assert caught.value.reason == "unknown_lease"
     assert str(caught.value).startswith("unknown_lease: lease L9")
@@ -66,7 +67,7 @@ def test_close_unknown_lease() -> None:
 def test_close_by_another_worker_keeps_the_lease_open() -> None:
     leases = book()
     lease = leases.issue("w1", 2, 0, now=0.0)
-    with pytest.raises(LeaseError) as caught:
+    with pytest.raises(Refused) as caught:
         leases.close(lease.lease_id, "w2", now=1.0)
     assert caught.value.reason == "not_your_lease"
     assert list(leases.open) == ["L1"]
@@ -76,12 +77,12 @@ def test_close_by_another_worker_keeps_the_lease_open() -> None:
 def test_close_after_deadline_expires_and_requeues() -> None:
     leases = book()
     leases.issue("w1", 2, 0, now=0.0)
-    with pytest.raises(LeaseError) as caught:
+    with pytest.raises(Refused) as caught:
         leases.close("L1", "w1", now=10.5)
     assert caught.value.reason == "lease_expired"
     assert leases.open == {}
     assert list(leases.requeued) == [0, 1]
-    with pytest.raises(LeaseError) as caught:
+    with pytest.raises(Refused) as caught:
         leases.close("L1", "w1", now=10.5)
     assert caught.value.reason == "unknown_lease"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from swarmrl.base.config import SwarmConfig
 from swarmrl.cli import main
-from swarmrl.config import SwarmConfig
 from swarmrl.trainer.ledger import (
     Ledger,
     format_table,
@@ -90,8 +90,15 @@ def table() -> dict:
 def test_format_table_has_one_row_per_worker() -> None:
     lines = format_table(table(), time.time()).splitlines()
     assert lines[0].split() == [
-        "worker", "status", "accepted", "rejected", "samples/s", "last", "seen", "reasons",
-    ]  # fmt: skip
+        "worker",
+        "status",
+        "accepted",
+        "rejected",
+        "samples/s",
+        "last",
+        "seen",
+        "reasons",
+    ]
     assert lines[1].split()[:5] == ["mallory", "quarantined", "0", "9", "0.00"]
     assert lines[1].endswith("  logprob_mismatch 1, duplicate 1")
     assert lines[2].split()[:5] == ["worker-1", "connected", "30", "0", "3.00"]
@@ -136,8 +143,9 @@ def test_status_prints_the_newest_run_by_default(
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(str(Path("runs") / "arithmetic-1") + " (written ")
     assert out[1].startswith("worker") and {line.split()[0] for line in out[2:]} == {
-        "mallory", "worker-1",
-    }  # fmt: skip
+        "mallory",
+        "worker-1",
+    }
     assert main(["status", "runs/arithmetic-1"]) == 0
 
 
@@ -166,8 +174,12 @@ def test_a_name_in_use_by_a_connected_worker_gets_a_suffix() -> None:
 
 def test_the_progress_line_shows_the_top_connected_workers_and_counts_the_rest() -> None:
     def row(samples: int, connected: bool = True, quarantined: bool = False) -> dict:
-        return {"samples": samples, "rejected": 32 * quarantined, "connected": connected,
-                "quarantined": quarantined}  # fmt: skip
+        return {
+            "samples": samples,
+            "rejected": 32 * quarantined,
+            "connected": connected,
+            "quarantined": quarantined,
+        }
 
     workers = {f"forger-{i}": row(0, connected=False, quarantined=True) for i in range(500)}
     workers |= {f"worker-{i}": row(10 * i) for i in range(1, 8)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import encode
 from swarmrl.trainer.limits import (
@@ -37,14 +37,15 @@ def test_limiter_keeps_one_bucket_per_connection_and_forgets_refilled_ones() -> 
 
 @pytest.fixture(scope="module")
 def tokenizer(model_path: str) -> object:
-    from swarmrl.models import load_tokenizer
+    from swarmrl.base.models import load_tokenizer
 
     return load_tokenizer(model_path)
 
 
 def test_the_largest_honest_submission_fits_the_bound(tokenizer: object) -> None:
-    config = Config(sampling={"num_generations": 4, "max_completion_length": 16},
-                    swarm={"prompts_per_lease": 3})  # fmt: skip
+    config = Config(
+        sampling={"num_generations": 4, "max_completion_length": 16}, swarm={"prompts_per_lease": 3}
+    )
     vocabulary = tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
     longest = max(range(len(vocabulary)), key=lambda i: len(vocabulary[i]))
     ids = [longest] * 16
@@ -52,9 +53,11 @@ def test_the_largest_honest_submission_fits_the_bound(tokenizer: object) -> None
         token_ids=ids, logprobs=[-1e-30] * 16, text=tokenizer.decode(ids), finish_reason="length"
     )
     worst = m.Submission(
-        lease_id="L" * m.MAX_ID_CHARS, policy_version=2**40, generation_seconds=1e300,
+        lease_id="L" * m.MAX_ID_CHARS,
+        policy_version=2**40,
+        generation_seconds=1e300,
         groups=[m.GroupResult(prompt_id="p" * m.MAX_ID_CHARS, completions=[completion] * 4)] * 3,
-    )  # fmt: skip
+    )
     size = len(encode(worst)[0])
     bound = largest_submission_bytes(config, tokenizer)
     assert size <= bound < 4 * size
@@ -66,9 +69,9 @@ def test_gate_refuses_by_rate_then_size_before_anything_is_decoded(tokenizer: ob
     big, huge = SMALL_MESSAGE_BYTES + 1, gate.max_message_bytes + 1
     assert gate.refusal(b"a", 100, may_submit=False, now=0.0) is None
     assert gate.refusal(b"a", big, may_submit=True, now=0.0) is None
-    reason, detail = gate.refusal(b"a", big, may_submit=False, now=0.0)
-    assert reason == "too_large" and "without an open lease" in detail
-    reason, detail = gate.refusal(b"b", huge, may_submit=True, now=0.0)
-    assert reason == "too_large" and str(gate.max_message_bytes) in detail
-    reason, detail = gate.refusal(b"a", 100, may_submit=True, now=0.0)
-    assert reason == "rate_limited" and "more than 1 messages per second" in detail
+    refused = gate.refusal(b"a", big, may_submit=False, now=0.0)
+    assert refused.reason == "too_large" and "without an open lease" in refused.detail
+    refused = gate.refusal(b"b", huge, may_submit=True, now=0.0)
+    assert refused.reason == "too_large" and str(gate.max_message_bytes) in refused.detail
+    refused = gate.refusal(b"a", 100, may_submit=True, now=0.0)
+    assert refused.reason == "rate_limited" and "more than 1 messages per second" in refused.detail

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from swarmrl.config import Config
-from swarmrl.protocol.codecs import PayloadError, decode_full, encode_full, weights_fingerprint
+from swarmrl.base.config import Config
+from swarmrl.protocol.codecs.full import decode_full, encode_full
+from swarmrl.protocol.codecs.interface import PayloadError, weights_fingerprint
 from swarmrl.protocol.messages import SamplingParams
 from swarmrl.trainer.buffer import ScoredGroup
 from swarmrl.trainer.step import completion_logits, flatten, pad_batch
@@ -39,6 +40,10 @@ def prompts(backend) -> list[list[int]]:
 
 def token_prompts(backend) -> list[list[int]]:
     return [backend.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts(backend)]
+
+
+def greedy(backend, batch_prompts: list[list[int]]) -> list[list[int]]:
+    return [sample.token_ids for sample in backend.generator.greedy(batch_prompts, 12, [])]
 
 
 def test_worker_logprobs_match_the_trainers_recompute(backend) -> None:
@@ -83,15 +88,15 @@ def test_weight_update_changes_outputs_and_restoring_brings_them_back(backend) -
     import torch
 
     batch_prompts = token_prompts(backend)
-    before = backend.generate_greedy(batch_prompts, 12, [])
+    before = greedy(backend, batch_prompts)
     weights = dict(backend.model.named_parameters())
     original, original_fingerprint = encode_full(weights), weights_fingerprint(weights)
     tensors = decode_full(original, original_fingerprint)
     perturbed = {name: tensor + 0.02 * torch.randn_like(tensor) for name, tensor in tensors.items()}
     backend.load_weights(perturbed)
-    assert backend.generate_greedy(batch_prompts, 12, []) != before
+    assert greedy(backend, batch_prompts) != before
     backend.load_weights(decode_full(original, original_fingerprint))
-    assert backend.generate_greedy(batch_prompts, 12, []) == before
+    assert greedy(backend, batch_prompts) == before
 
 
 def test_bad_payloads_leave_the_weights_untouched(backend) -> None:
@@ -120,4 +125,4 @@ def test_stop_strings_end_the_completion_where_they_occur(backend) -> None:
         before_last = backend.tokenizer.decode(sample.token_ids[:-1], skip_special_tokens=True)
         assert " " not in before_last  # nothing is kept after the stop string
         if sample.finish_reason == "stop":
-            assert " " in sample.text or sample.token_ids[-1] in backend.eos_ids
+            assert " " in sample.text or sample.token_ids[-1] in backend.generator.eos_ids

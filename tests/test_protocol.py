@@ -53,7 +53,6 @@ SUBMISSION = Submission(
     policy_version=3,
     groups=[GroupResult(prompt_id="p-0", completions=[COMPLETION, COMPLETION])],
     generation_seconds=1.2345678901234567,
-    worker_rewards=[[1.0, 0.0]],
 )
 MESSAGES = [
     Hello(worker_name="gpu-box", backend="vllm", software_version="0.1.0", max_prompts_per_lease=8),
@@ -78,7 +77,7 @@ MESSAGES = [
     ),
     NoWork(reason="buffer full", retry_after_s=0.5),
     SUBMISSION,
-    Accept(lease_id="lease-1", accepted_groups=1),
+    Accept(lease_id="lease-1"),
     Reject(lease_id=None, reason="malformed", detail="frame 0 is not valid msgpack"),
     WeightUpdate(version=4, codec="demo-topk", fingerprint="ab12", num_bytes=0, base_version=3),
     Heartbeat(sent_at=1718000000.123456789, weights_version=4),
@@ -175,7 +174,7 @@ BAD_FRAMES = {
     "over-long str": (_hello(worker_name="\u00e9" * (2 * MAX_TEXT_CHARS + 1)), "malformed"),
     "deep nesting": ([b"\x91" * 100_000 + b"\x00"], "malformed"),
     "no version": (_hello(drop="v"), "bad_version"),
-    "wrong version": (_hello(v=2), "bad_version"),
+    "wrong version": (_hello(v=1), "bad_version"),
     "bool version": (_hello(v=True), "bad_version"),
     "unknown type": (_hello(type="gimme_weights"), "unknown_type"),
     "no type": (_hello(drop="type"), "unknown_type"),

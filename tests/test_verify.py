@@ -5,20 +5,15 @@ from typing import Any
 
 import pytest
 
-from swarmrl.config import Config, SamplingConfig, TrainerConfig
+from swarmrl.base.config import Config, SamplingConfig, TrainerConfig
 from swarmrl.protocol.messages import Completion, GroupResult, Submission
+from swarmrl.protocol.refusals import Refused
 from swarmrl.trainer.buffer import ScoredGroup
+from swarmrl.trainer.checks import ReplayGuard, check_submission
 from swarmrl.trainer.data import prompt_text, prompt_token_ids
 from swarmrl.trainer.leases import OpenLease
+from swarmrl.trainer.logprob_check import LogprobBand, LogprobMismatch, logprob_verdict
 from swarmrl.trainer.step import train_step
-from swarmrl.trainer.verify import (
-    LogprobBand,
-    LogprobMismatch,
-    ReplayGuard,
-    SubmissionError,
-    check_submission,
-    logprob_verdict,
-)
 
 # ids 0..9: 0 is a special token (dropped by skip_special_tokens), 1..9 are the letters a..i
 LETTERS = "abcdefghi"
@@ -71,7 +66,7 @@ def submission(
 
 
 def reject_reason(sub: Submission, current_version: int = 4) -> str:
-    with pytest.raises(SubmissionError) as caught:
+    with pytest.raises(Refused) as caught:
         check_submission(sub, LEASE, CONFIG, current_version, FakeTokenizer())
     assert str(caught.value).startswith(caught.value.reason + ": ")
     return caught.value.reason
@@ -161,7 +156,7 @@ def test_an_accepted_lease_cannot_be_submitted_again() -> None:
     guard, indices = ReplayGuard(), [3, 8]
     guard.check_lease("L7")
     guard.remember(submission(), indices)
-    with pytest.raises(SubmissionError, match="already accepted") as caught:
+    with pytest.raises(Refused, match="already accepted") as caught:
         guard.check_lease("L7")
     assert caught.value.reason == "duplicate"
 
@@ -170,7 +165,7 @@ def test_completions_accepted_before_for_the_same_prompt_are_duplicates() -> Non
     guard, indices = ReplayGuard(), [3, 8]
     guard.remember(submission(), indices)
     copied = [("p3", [completion([4]), completion([1, 2])]), ("p8", [completion([5])] * 2)]
-    with pytest.raises(SubmissionError, match="prompt p3: completion 1 repeats") as caught:
+    with pytest.raises(Refused, match="prompt p3: completion 1 repeats") as caught:
         guard.check(submission(copied), indices)
     assert caught.value.reason == "duplicate"
 
@@ -250,8 +245,12 @@ def test_auto_mode_is_strict_for_float32_and_loose_otherwise() -> None:
 
 
 # A few of the model's parameters, from the first layer to the last; their gradients are compared.
-WATCHED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-           "model.layers.29.mlp.down_proj.weight", "model.norm.weight")  # fmt: skip
+WATCHED = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.29.mlp.down_proj.weight",
+    "model.norm.weight",
+)
 
 
 class GradientRecorder:
@@ -274,7 +273,7 @@ def tiny(model_path: str) -> tuple[Any, Any, list[list[int]], list[Any]]:
     """The real model and tokenizer, two prompts and honest samples (2 each) from the HF backend."""
     import torch
 
-    from swarmrl.models import load_model, load_tokenizer
+    from swarmrl.base.models import load_model, load_tokenizer
     from swarmrl.protocol.messages import SamplingParams
     from swarmrl.rollout.hf_backend import HFBackend
 
@@ -292,10 +291,17 @@ def tiny(model_path: str) -> tuple[Any, Any, list[list[int]], list[Any]]:
 
 def honest_groups(prompts: list[list[int]], samples: list[Any]) -> list[ScoredGroup]:
     return [
-        ScoredGroup(index, prompt, [s.token_ids for s in group], [s.logprobs for s in group],
-                    [1.0, 0.0], "honest", 0)
+        ScoredGroup(
+            index,
+            prompt,
+            [s.token_ids for s in group],
+            [s.logprobs for s in group],
+            [1.0, 0.0],
+            "honest",
+            0,
+        )
         for index, (prompt, group) in enumerate(zip(prompts, samples, strict=True))
-    ]  # fmt: skip
+    ]
 
 
 def forged_groups(tokenizer: Any, prompts: list[list[int]], claimed: float) -> list[ScoredGroup]:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from swarmrl.protocol.codecs import decode_full, encode_full, weights_fingerprint
+from swarmrl.protocol.codecs.full import decode_full, encode_full
+from swarmrl.protocol.codecs.interface import weights_fingerprint
 from swarmrl.protocol.messages import SamplingParams
 from tests.conftest import start_trainer, start_worker
 

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from swarmrl.protocol import demo, sparse
 from swarmrl.protocol import messages as m
-from swarmrl.protocol.codecs import PayloadError, encode_full, weights_fingerprint
+from swarmrl.protocol.codecs import decoupled_momentum as demo
+from swarmrl.protocol.codecs import get_codec, sparse
+from swarmrl.protocol.codecs.full import encode_full
+from swarmrl.protocol.codecs.interface import PayloadError, weights_fingerprint
 from swarmrl.rollout.replica import NeedKeyframe, Replica
 from swarmrl.trainer.optimizers import DemoOptimizer, Publication
 from swarmrl.trainer.publish import Delta, Published, WeightPublisher
@@ -187,15 +189,18 @@ def replica_with(tensors: dict[str, torch.Tensor]) -> Replica:
 
 def demo_update(model: torch.nn.Module, version: int) -> tuple[m.WeightUpdate, bytes]:
     optimizer = DemoOptimizer(list(model.named_parameters()), 1e-3, 0.0, 0.9, demo.DemoSettings())
-    publication = Publication(optimizer, "demo")
+    publication = Publication(optimizer, get_codec("demo"))
     model(torch.randn(2, 96)).sum().backward()
     optimizer.step()
     out = publication.published(version, {n: p.detach() for n, p in model.named_parameters()})
     assert out.delta is not None
     update = m.WeightUpdate(
-        version=version, codec="demo", fingerprint=out.fingerprint,
-        num_bytes=len(out.delta.payload), base_version=version - 1,
-    )  # fmt: skip
+        version=version,
+        codec="demo",
+        fingerprint=out.fingerprint,
+        num_bytes=len(out.delta.payload),
+        base_version=version - 1,
+    )
     return update, out.delta.payload
 
 

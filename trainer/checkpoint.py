@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from swarmrl.base.models import load_parameters_in_place
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -43,9 +45,15 @@ class CheckpointMismatch(CheckpointError):
 
 
 def save_checkpoint(
-    folder: Path, step: int, model: Any, tokenizer: Any, optimizer_state: dict, state: dict,
-    keep: int, weights: dict[str, Any] | None = None,
-) -> Path:  # fmt: skip
+    folder: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer_state: dict,
+    state: dict,
+    keep: int,
+    weights: dict[str, Any] | None = None,
+) -> Path:
     """Write `folder/step_N` atomically and prune to the newest `keep`; CheckpointError if not.
 
     `weights`: the full tensors to write instead of the model's own (a sharded trainer's,
@@ -126,8 +134,6 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, restore: Restore | N
     is damaged, CheckpointMismatch if it is another model's or optimizer's; either way before
     the model or the optimizer was touched. `restore(tensors, optimizer_state)` replaces the
     in-place load (a sharded trainer's rank 0 hands them to every rank)."""
-    from swarmrl.rollout.hf_backend import load_parameters_in_place
-
     state, tensors, optimizer_state = read_checkpoint(path)
     hint = "resume with the run's own config (its config.toml)"
     names = {name for name, _ in model.named_parameters()}

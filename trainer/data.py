@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarmrl.config import DataConfig
+from swarmrl.base.config import DataConfig
 
 OPERATIONS: dict[str, Callable[[int, int], int]] = {
     "+": operator.add,

@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
 from swarmrl.trainer.buffer import ScoredGroup
+from swarmrl.trainer.logprob_check import LogprobMismatch
 from swarmrl.trainer.step import (
     Sequence,
     accumulate_gradients,
@@ -33,7 +34,6 @@ from swarmrl.trainer.step import (
     step_sequences,
     step_summary,
 )
-from swarmrl.trainer.verify import LogprobMismatch
 
 if TYPE_CHECKING:
     import torch

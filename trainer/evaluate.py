@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
+from swarmrl.base.generation import Generator
 from swarmrl.rewards import load_reward_function, score_completions
 from swarmrl.trainer.data import Task, prompt_text, prompt_token_ids
 
@@ -32,11 +33,9 @@ def evaluate(
     model: Any, tokenizer: Any, tasks: list[Task], config: Config, synced_gpus: bool = False
 ) -> EvalResult:
     """Greedy held-out accuracy; `synced_gpus` when every rank of a sharded model runs it."""
-    from swarmrl.rollout.hf_backend import HFBackend
-
     if not tasks:
         return EvalResult(accuracy=float("nan"), count=0, mean_completion_tokens=0.0, examples=[])
-    backend = HFBackend(model, tokenizer, synced_gpus)
+    generator = Generator(model, tokenizer, synced_gpus)
     name, function = accuracy_function(config)
     prompts = [prompt_text(config.data, tokenizer, task.question) for task in tasks]
     completions: list[str] = []
@@ -44,11 +43,11 @@ def evaluate(
     size = config.eval.batch_size
     for start in range(0, len(tasks), size):
         batch = [prompt_token_ids(config.data, tokenizer, p) for p in prompts[start : start + size]]
-        for ids in backend.generate_greedy(
+        for sample in generator.greedy(
             batch, config.eval.max_completion_length, config.sampling.stop
         ):
-            lengths.append(len(ids))
-            completions.append(tokenizer.decode(ids, skip_special_tokens=True))
+            lengths.append(len(sample.token_ids))
+            completions.append(sample.text)
     columns = {"answer": [task.answer for task in tasks]}
     for key in tasks[0].columns:
         columns[key] = [task.columns.get(key) for task in tasks]

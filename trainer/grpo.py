@@ -20,12 +20,11 @@ over the micro-batches of a gradient-accumulation step equals the loss of the wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 
-LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
-ScaleRewards = Literal["group", "batch", "none"]
+from swarmrl.base.config import LossType, ScaleRewards
 
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 _CHUNK_ROWS = 128  # rows of (B*T, V) logits turned into float32 at a time
@@ -60,7 +59,9 @@ def group_advantages(
     elif scale_rewards == "none":
         return advantages
     else:
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+        raise ValueError(
+            f"scale_rewards must be one of {get_args(ScaleRewards)}, got {scale_rewards!r}"
+        )
     return advantages / (std + STD_EPS)
 
 
@@ -74,7 +75,7 @@ class LossConfig:
     max_completion_length: int = 256  # dr_grpo's constant normaliser
 
     def __post_init__(self) -> None:
-        if self.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo"):
+        if self.loss_type not in get_args(LossType):
             raise ValueError(f"unknown loss_type {self.loss_type!r}")
         if not 0.0 <= self.epsilon < 1.0 or self.epsilon_high < 0.0:
             raise ValueError("need 0 <= epsilon < 1 and epsilon_high >= 0")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
 from swarmrl.protocol.messages import Submission
 from swarmrl.rewards import score_completions
 from swarmrl.trainer.buffer import ScoredGroup
+from swarmrl.trainer.checks import ReplayGuard, check_submission
 from swarmrl.trainer.data import prompt_text, prompt_token_ids
 from swarmrl.trainer.leases import OpenLease
-from swarmrl.trainer.verify import ReplayGuard, check_submission
 
 
 class Intake:
@@ -48,7 +48,7 @@ class Intake:
     def admit(
         self, submission: Submission, lease: OpenLease, current_version: int, worker_id: str
     ) -> list[ScoredGroup]:
-        """The submission's groups, scored; raises SubmissionError with the reject reason."""
+        """The submission's groups, scored; raises Refused with the reject reason."""
         texts = check_submission(submission, lease, self.config, current_version, self.tokenizer)
         self.replays.check(submission, lease.prompt_indices)
         groups = self._score(lease, submission, texts, worker_id)

@@ -1,4 +1,4 @@
-"""Which prompts are out with which worker: issuing, closing, expiring and re-issuing leases.
+"""Which prompts are out with which worker: admitting, issuing, closing, expiring, re-issuing.
 
 The prompt stream is an index sequence (item i of the task source). A lease hands a worker a
 few prompt indices, each with the sampling seed the trainer chose. A lease ends in one of three
@@ -6,6 +6,12 @@ ways: the worker submits it (closed), the worker goes silent or the deadline pas
 or the submission is rejected. Expired and rejected prompts go to the front of the queue and are
 leased again, so no prompt is lost; `state()`/`restore()` carry this across a trainer restart.
 Pure bookkeeping with the clock passed in, so it is unit-tested without sockets or sleeps.
+
+Admission (`offer`) decides whether a worker asking for work gets a lease: at most
+`max_open_leases` open per worker, and only as many prompts out (leased or buffered) as can
+still be trained on within the staleness limit (`room`). A worker asking ahead (it holds a
+lease) waits while an idle one was lately refused for lack of room (`WaitingWorkers`), so the
+room a submission frees goes to an idle engine rather than a busy one.
 
 Every operation a message triggers is O(1) in the number of workers and open leases: counts are
 kept as leases open and close, and since every lease gets the same timeout from a clock that
@@ -19,14 +25,10 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 
+from swarmrl.base.config import Config
+from swarmrl.protocol.refusals import Refused
 
-class LeaseError(Exception):
-    """A submission that does not match an open lease; `reason` is the protocol reject code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+WAITING_WINDOW_S = 2.0  # a refusal older than this: that worker stopped asking
 
 
 @dataclass
@@ -43,10 +45,27 @@ def prompt_id(index: int) -> str:
     return f"p{index}"
 
 
+@dataclass(frozen=True)
+class NoRoom:
+    """No lease for now (not a refusal): the worker asks again after a while."""
+
+    reason: str
+
+
 class LeaseBook:
-    def __init__(self, seed: int, lease_timeout_s: float, id_prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        lease_timeout_s: float,
+        id_prefix: str | None = None,
+        max_open_leases: int = 3,
+        room: int = 8,
+    ) -> None:
         self.seed = seed
         self.lease_timeout_s = lease_timeout_s
+        self.max_open_leases = max_open_leases
+        self.room = room  # prompts that may be out at once, leased or buffered
+        self.waiting = WaitingWorkers(WAITING_WINDOW_S)
         self.next_index = 0
         self.requeued: deque[int] = deque()
         self.open: dict[str, OpenLease] = {}  # in deadline order
@@ -57,9 +76,42 @@ class LeaseBook:
         # Lease ids differ between trainer restarts, so a pre-restart lease never matches.
         self._prefix = f"L{secrets.token_hex(3)}-" if id_prefix is None else id_prefix
 
+    @classmethod
+    def from_config(cls, config: Config) -> LeaseBook:
+        """Lease only what can still be trained on: the groups of the step in progress are out
+        of the buffer, so `max_staleness` more steps' worth is the most that stays fresh."""
+        trainer = config.trainer
+        return cls(
+            config.data.seed,
+            config.swarm.lease_timeout_s,
+            max_open_leases=config.swarm.max_open_leases,
+            room=trainer.prompts_per_step * max(trainer.max_staleness, 1),
+        )
+
     def held(self, worker_id: str) -> int:
         """How many leases `worker_id` has open."""
         return len(self.by_worker.get(worker_id, ()))
+
+    def offer(
+        self, worker_id: str, wanted: int, policy_version: int, buffered: int, now: float
+    ) -> OpenLease | NoRoom:
+        """A lease of up to `wanted` prompts, or NoRoom; Refused if the worker holds too many.
+
+        `buffered`: groups waiting for the optimizer (they count against the room too: the
+        step in progress has taken its own out already)."""
+        held = self.held(worker_id)
+        if held >= self.max_open_leases:
+            detail = f"{held} leases open (at most {self.max_open_leases})"
+            raise Refused("too_many_leases", detail)
+        room = self.room - self.outstanding - buffered
+        if room <= 0:
+            if not held:
+                self.waiting.refused(worker_id, now)
+            return NoRoom("enough work is out")
+        if held and self.waiting.others(worker_id, now):
+            return NoRoom("an idle worker goes first")
+        self.waiting.discard(worker_id)
+        return self.issue(worker_id, min(wanted, room), policy_version, now)
 
     def issue(self, worker_id: str, count: int, policy_version: int, now: float) -> OpenLease:
         indices = []
@@ -89,15 +141,15 @@ class LeaseBook:
         return (self.seed * 1_000_003 + index * 7_919 + attempt) % (2**31 - 1)
 
     def close(self, lease_id: str, worker_id: str, now: float) -> OpenLease:
-        """Take an open lease out of the book for its submission, or raise LeaseError."""
+        """Take an open lease out of the book for its submission, or raise Refused."""
         lease = self.open.get(lease_id)
         if lease is None:
-            raise LeaseError("unknown_lease", f"lease {lease_id} is not open (expired or done)")
+            raise Refused("unknown_lease", f"lease {lease_id} is not open (expired or done)")
         if lease.worker_id != worker_id:
-            raise LeaseError("not_your_lease", f"lease {lease_id} belongs to another worker")
+            raise Refused("not_your_lease", f"lease {lease_id} belongs to another worker")
         if now > lease.deadline:
             self._expire([lease])
-            raise LeaseError("lease_expired", f"lease {lease_id} passed its deadline")
+            raise Refused("lease_expired", f"lease {lease_id} passed its deadline")
         self._remove(lease)
         return lease
 
@@ -120,6 +172,8 @@ class LeaseBook:
         return self._expire(due)
 
     def expire_worker(self, worker_id: str) -> list[OpenLease]:
+        """A worker that left or was quarantined: its leases' prompts go back in the queue."""
+        self.waiting.discard(worker_id)
         return self._expire(list(self.by_worker.get(worker_id, {}).values()))
 
     def _expire(self, leases: list[OpenLease]) -> list[OpenLease]:
@@ -156,7 +210,7 @@ class WaitingWorkers:
     the next submission frees goes to an idle engine rather than a busy one."""
 
     def __init__(self, window_s: float) -> None:
-        self.window_s = window_s  # a refusal older than this: that worker stopped asking
+        self.window_s = window_s
         self._since: dict[str, float] = {}
 
     def refused(self, worker_id: str, now: float) -> None:

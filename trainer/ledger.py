@@ -4,12 +4,12 @@ Every worker the trainer has seen has one record, keyed by its trainer-assigned 
 it gave, with a -N suffix while a connected worker goes by that name). Counts are in samples: an
 accepted submission adds its completions to `accepted`; a refusal adds the completions it
 carried (one for a message that carried none) to `rejected`. Refusals for cause, the ones an
-honest worker never earns (FAULTS), also add to `faults`; bad luck (a lease that expired, a
-sample that went stale) does not. A worker whose faults exceed `swarm.quarantine_rejections`
-and are more than `swarm.quarantine_fraction` of all it sent is quarantined: the server gives
-its open leases and buffered groups back to the queue and refuses its requests from then on.
-The trainer writes the ledger to `workers.json` in the run folder after every step;
-`swarmrl status` prints it as a table.
+honest worker never earns (FAULTS in protocol/refusals.py), also add to `faults`; bad luck (a
+lease that expired, a sample that went stale) does not. A worker whose faults exceed
+`swarm.quarantine_rejections` and are more than `swarm.quarantine_fraction` of all it sent is
+quarantined: the server gives its open leases and buffered groups back to the queue and
+refuses its requests from then on. The trainer writes the ledger to `workers.json` in the run
+folder after every step; `swarmrl status` prints it as a table.
 """
 
 from __future__ import annotations
@@ -21,17 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarmrl.config import SwarmConfig
+from swarmrl.base.config import SwarmConfig
+from swarmrl.protocol.refusals import FAULTS
 
-# Reject reasons that only a broken or dishonest worker earns.
-FAULTS = frozenset(
-    {
-        "malformed", "invalid", "unknown_type", "too_many_frames", "unexpected",
-        "too_large", "rate_limited", "not_your_lease", "version_mismatch", "wrong_prompts",
-        "wrong_group_size", "bad_length", "bad_token", "text_mismatch", "duplicate",
-        "logprob_mismatch",
-    }
-)  # fmt: skip
 LEDGER_FILE = "workers.json"
 
 
@@ -41,13 +33,16 @@ class WorkerRecord:
     joined: float  # monotonic clock, like last_seen
     last_seen: float
     backend: str = ""
+    software: str = ""  # the swarmrl version it reported
     max_prompts: int = 1
     weights_version: int = -1
     sent_version: int = -1  # the newest weights sent to it, and when
     sent_at: float = 0.0
     connected: bool = True
     quarantined: bool = False
+    proven: bool = False  # its groups passed the trainer's log-prob check
     accepted: int = 0
+    generation_seconds: float = 0.0  # as it reported, for its accepted submissions
     rejected: int = 0
     faults: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -75,8 +70,9 @@ class Ledger:
         record.connected, record.last_seen = True, now
         return record
 
-    def accept(self, record: WorkerRecord, samples: int) -> None:
+    def accept(self, record: WorkerRecord, samples: int, generation_seconds: float = 0.0) -> None:
         record.accepted += samples
+        record.generation_seconds += generation_seconds
 
     def reject(self, record: WorkerRecord, reason: str, samples: int = 1) -> bool:
         """Count a refusal; True if it is the one that puts the worker in quarantine."""
@@ -101,10 +97,12 @@ class Ledger:
                 "faults": r.faults,
                 "reasons": dict(r.reasons),
                 "samples_per_s": r.accepted / max(r.last_seen - r.joined, 1.0),
+                "generation_seconds": r.generation_seconds,
                 "last_seen": wall - (now - r.last_seen),
                 "connected": r.connected,
                 "quarantined": r.quarantined,
                 "backend": r.backend,
+                "software": r.software,
             }
             for r in self.records.values()
         }

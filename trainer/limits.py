@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
+from swarmrl.protocol.refusals import Refused
 
 # Hello, work requests, heartbeats and byes are a few hundred bytes: anything above this must
 # be a submission, and is read only from a worker that holds a lease to submit.
@@ -76,29 +77,30 @@ class Gate:
         self.limiter = RateLimiter(swarm.rate_limit_per_s, swarm.rate_limit_burst)
         self.max_message_bytes = largest_submission_bytes(config, tokenizer)
 
-    def refusal(
-        self, identity: bytes, size: int, may_submit: bool, now: float
-    ) -> tuple[str, str] | None:
-        """(reason, detail) to refuse the message with, or None to read it.
+    def refusal(self, identity: bytes, size: int, may_submit: bool, now: float) -> Refused | None:
+        """Why to refuse the message unread, or None to read it.
 
         may_submit: the sender is a worker in good standing that holds an open lease.
         """
         if not self.limiter.allow(identity, now):
             limiter = self.limiter
-            return "rate_limited", (
-                f"more than {limiter.rate:g} messages per second (bursts of {limiter.burst})"
+            return Refused(
+                "rate_limited",
+                f"more than {limiter.rate:g} messages per second (bursts of {limiter.burst})",
             )
         if size <= SMALL_MESSAGE_BYTES:
             return None
         if size > self.max_message_bytes:
-            return "too_large", (
+            return Refused(
+                "too_large",
                 f"{size} bytes; a submission under this run's settings takes at most "
-                f"{self.max_message_bytes}"
+                f"{self.max_message_bytes}",
             )
         if not may_submit:
-            return "too_large", (
+            return Refused(
+                "too_large",
                 f"{size} bytes from a worker without an open lease: only a submission may "
-                f"exceed {SMALL_MESSAGE_BYTES} bytes"
+                f"exceed {SMALL_MESSAGE_BYTES} bytes",
             )
         return None
 

@@ -1,11 +1,11 @@
 """The trainer's optimizers, and what each one publishes to the workers after a step.
 
-- `adamw`: torch AdamW. Published as codec `full` (every weight: the reference, and every
-  keyframe) or `sparse` (only the bf16 elements that changed; workers hold bf16 weights).
+- `adamw`: torch AdamW. Published in any codec that encodes a change of weights: `full` (every
+  weight: the reference, and every keyframe) or `sparse` (the bf16 elements that changed).
 - `demo`: DeMo-style (Peng, Quesnelle, Kingma 2024). Momentum `m = decay*m + lr*g`; the top-k
-  DCT coefficients of every block of m are the payload (protocol/demo.py); `m -=` what they
-  stand for (error feedback); then the payload itself is replayed on the trainer's weights,
-  exactly as every worker will replay it: the update is the message.
+  DCT coefficients of every block of m are the payload (protocol/codecs/decoupled_momentum.py);
+  `m -=` what they stand for (error feedback); then the payload itself is replayed on the
+  trainer's weights, exactly as every worker will replay it: the update is the message.
 
 `Publication` turns the weights after each step into a `Published` version: the delta in the
 chosen codec, a keyframe, and the fingerprint of the weights a worker holds afterwards.
@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from swarmrl.config import TrainerConfig
-from swarmrl.protocol import demo, sparse
-from swarmrl.protocol.codecs import encode_full, weights_fingerprint
+from swarmrl.base.config import TrainerConfig
+from swarmrl.protocol.codecs import decoupled_momentum as demo
+from swarmrl.protocol.codecs.full import encode_full
+from swarmrl.protocol.codecs.interface import WeightCodec, weights_fingerprint
 from swarmrl.trainer.publish import Delta, Published
 
 
@@ -83,27 +84,23 @@ def make_optimizer(model: Any, trainer: TrainerConfig) -> torch.optim.Optimizer:
 
 
 class Publication:
-    """What the workers are sent for each version, in the codec the recipe chose."""
+    """What the workers are sent for each version, in the run's codec (protocol/codecs)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, codec: str) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, codec: WeightCodec) -> None:
         self.optimizer = optimizer
         self.codec = codec
-        self.bf16: dict[str, torch.Tensor] | None = None  # `sparse`: what the workers hold
+        self.previous: dict[str, torch.Tensor] | None = None  # if the codec diffs versions
 
     def published(
         self, version: int, weights: dict[str, torch.Tensor], after_step: bool = True
     ) -> Published:
         """Version `version`: `weights` are every trainable tensor, whole (gathered if sharded);
         `after_step` False for the first one (no delta)."""
+        current = self.codec.publishable(weights)
         delta = None
-        if self.codec == "sparse":
-            rounded = {n: t.to(torch.bfloat16) for n, t in weights.items()}
-            if after_step and self.bf16 is not None:
-                delta = Delta("sparse", sparse.encode(self.bf16, rounded))
-            self.bf16 = weights = rounded
-        elif self.codec == "demo" and after_step:
-            payload = getattr(self.optimizer, "last_payload", None)
-            if payload is None:
-                raise RuntimeError("the demo codec needs the demo optimizer")
-            delta = Delta("demo", payload)
-        return Published(version, weights_fingerprint(weights), encode_full(weights), delta)
+        if after_step:
+            payload = self.codec.encode(self.previous, current, self.optimizer)
+            delta = None if payload is None else Delta(self.codec.name, payload)
+        if self.codec.keeps_previous:
+            self.previous = current
+        return Published(version, weights_fingerprint(current), encode_full(current), delta)

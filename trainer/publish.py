@@ -69,17 +69,22 @@ class WeightPublisher:
             return [
                 (
                     m.WeightUpdate(
-                        version=v, codec=deltas[v][0].codec, fingerprint=deltas[v][1],
-                        num_bytes=len(deltas[v][0].payload), base_version=v - 1,
+                        version=v,
+                        codec=deltas[v][0].codec,
+                        fingerprint=deltas[v][1],
+                        num_bytes=len(deltas[v][0].payload),
+                        base_version=v - 1,
                     ),
                     (deltas[v][0].payload,),
                 )
                 for v in missed
-            ]  # fmt: skip
+            ]
         keyframe = m.WeightUpdate(
-            version=current.version, codec="full", fingerprint=current.fingerprint,
+            version=current.version,
+            codec="full",
+            fingerprint=current.fingerprint,
             num_bytes=len(current.keyframe),
-        )  # fmt: skip
+        )
         return [(keyframe, (current.keyframe,))]
 
     def _keyframe_due(self, version: int) -> bool:

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from swarmrl.config import Config, ConfigError
+from swarmrl.base.config import Config, ConfigError
 from swarmrl.trainer import distributed
 from swarmrl.trainer.buffer import ScoredGroup
 from swarmrl.trainer.checkpoint import load_latest
+from swarmrl.trainer.logprob_check import LogprobMismatch
 from swarmrl.trainer.step import train_step
-from swarmrl.trainer.verify import LogprobMismatch
+
+if TYPE_CHECKING:
+    from swarmrl.trainer.run import TrainingRun
 
 StepResult = tuple[dict[str, float], list[LogprobMismatch]]
 
@@ -34,7 +37,7 @@ def started_by_torchrun() -> bool:
 
 def make_ranks(config: Config) -> SingleProcess | ShardedRanks:
     if not started_by_torchrun():
-        from swarmrl.models import pick_device
+        from swarmrl.base.models import pick_device
 
         return SingleProcess(pick_device(config.model.device))
     if config.trainer.optimizer == "demo":
@@ -58,11 +61,11 @@ class SingleProcess:
     def prepare(self, model: Any, reference: Any | None) -> None:
         """Nothing to shard."""
 
-    def step(
-        self, model: Any, optimizer: Any, batch: list[ScoredGroup], config: Config, pad_id: int,
-        reference: Any | None, version: int,
-    ) -> StepResult:  # fmt: skip
-        return train_step(model, optimizer, batch, config, pad_id, reference, version=version)
+    def step(self, run: TrainingRun, batch: list[ScoredGroup]) -> StepResult:
+        """One optimizer step on `batch` with the weights of version `run.step`."""
+        return train_step(
+            run.model, run.optimizer, batch, run.config, run.pad_id, run.reference, version=run.step
+        )
 
     def share_batch(
         self, batch: list[ScoredGroup] | None, stop: bool
@@ -100,12 +103,16 @@ class ShardedRanks:
         if reference is not None:
             distributed.shard_model(reference)
 
-    def step(
-        self, model: Any, optimizer: Any, batch: list[ScoredGroup], config: Config, pad_id: int,
-        reference: Any | None, version: int,
-    ) -> StepResult:  # fmt: skip
+    def step(self, run: TrainingRun, batch: list[ScoredGroup]) -> StepResult:
         return distributed.train_step_sharded(
-            model, optimizer, batch, config, pad_id, self.place, reference, version=version
+            run.model,
+            run.optimizer,
+            batch,
+            run.config,
+            run.pad_id,
+            self.place,
+            run.reference,
+            version=run.step,
         )
 
     def share_batch(

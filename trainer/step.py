@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
 from swarmrl.trainer.buffer import ScoredGroup
 from swarmrl.trainer.grpo import (
     BatchNormaliser,
@@ -27,7 +27,7 @@ from swarmrl.trainer.grpo import (
     per_token_loss,
     sequence_logprobs_from_logits,
 )
-from swarmrl.trainer.verify import LogprobBand, LogprobMismatch, logprob_verdict
+from swarmrl.trainer.logprob_check import LogprobBand, LogprobMismatch, logprob_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -55,10 +55,15 @@ def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Seq
         for ids, logprobs in zip(group.completion_token_ids, group.behavior_logprobs, strict=True):
             sequences.append(
                 Sequence(
-                    group.prompt_token_ids, ids, logprobs, advantages[k],
-                    group.worker_id, group.prompt_index, version - group.policy_version,
+                    group.prompt_token_ids,
+                    ids,
+                    logprobs,
+                    advantages[k],
+                    group.worker_id,
+                    group.prompt_index,
+                    version - group.policy_version,
                 )
-            )  # fmt: skip
+            )
             k += 1
     return sequences
 
@@ -233,9 +238,13 @@ def screen_groups(
 
 
 def checked_forward(
-    model: Any, chunk: list[Sequence], pad_id: int, device: Any, temperature: float,
+    model: Any,
+    chunk: list[Sequence],
+    pad_id: int,
+    device: Any,
+    temperature: float,
     band: LogprobBand,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[LogprobMismatch]]:  # fmt: skip
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[LogprobMismatch]]:
     """One micro-batch's forward: (inputs, logits, the trainer's log-probs of the sampled
     tokens, the sequences that failed the log-prob check, already masked out of `inputs`)."""
     batch = pad_batch(chunk, pad_id, device)
@@ -254,11 +263,14 @@ def mask_logprob_mismatches(
     batch["mask"] = batch["mask"] * (~verdict.failed).unsqueeze(1)
     return [
         LogprobMismatch(
-            chunk[row].worker_id, chunk[row].prompt_index, chunk[row].lag,
-            float(verdict.mean_gap[row]), float(verdict.max_gap[row]),
+            chunk[row].worker_id,
+            chunk[row].prompt_index,
+            chunk[row].lag,
+            float(verdict.mean_gap[row]),
+            float(verdict.max_gap[row]),
         )
         for row in verdict.failed.nonzero().flatten().tolist()
-    ]  # fmt: skip
+    ]
 
 
 def apply_gradients(model: Any, optimizer: Any, config: Config) -> float:

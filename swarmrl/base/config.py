@@ -1,23 +1,22 @@
-"""The one config tree: pydantic models loaded from a TOML recipe plus `--section.key value`.
+"""The one config tree: the pydantic models every run is described by.
 
 Every knob of a run lives here, grouped by who reads it. Names follow TRL's GRPOConfig where
 users already know them (`num_generations`, `max_completion_length`, `learning_rate`, `beta`,
-`epsilon`, `epsilon_high`, `loss_type`, `scale_rewards`). Unknown keys are errors that name the
-file (or the command line) and the key, with a suggestion when the key looks like a typo.
+`epsilon`, `epsilon_high`, `loss_type`, `scale_rewards`). Every section forbids unknown keys.
+Loading a recipe and `--section.key value` overrides is recipes.py's business. Choices that
+name a pluggable part (a weight codec, an inference backend) are plain strings here, checked
+against that part's registry by the layer that owns it.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import tomllib
-from importlib import resources
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_RECIPE = "arithmetic"
+# The loss variants and reward scalings, by TRL's names; trainer/grpo.py implements each.
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+ScaleRewards = Literal["group", "batch", "none"]
 
 
 class ConfigError(ValueError):
@@ -105,8 +104,10 @@ class DemoConfig(Section):
 
 class TrainerConfig(Section):
     optimizer: Literal["adamw", "demo"] = "adamw"
-    weight_codec: Literal["full", "sparse"] = Field(
-        "full", description="adamw's updates: full weights, or the bf16 elements that changed"
+    weight_codec: str | None = Field(
+        None,
+        description="what workers are sent after each step (protocol/codecs): full, sparse "
+        "(the bf16 elements that changed), demo; unset: the optimizer's own step, else full",
     )
     demo: DemoConfig = DemoConfig()
     learning_rate: float = Field(1e-5, gt=0)
@@ -114,11 +115,11 @@ class TrainerConfig(Section):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = Field(1.0, gt=0)
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    loss_type: LossType = "dapo"
     epsilon: float = Field(0.2, gt=0)
     epsilon_high: float | None = Field(None, description="upper clip; defaults to epsilon")
     beta: float = Field(0.0, ge=0, description="KL coefficient; > 0 loads a reference model")
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: ScaleRewards = "group"
     tis_cap: float = Field(2.0, gt=0, description="truncated importance-sampling cap")
     prompts_per_step: int = Field(4, ge=1, description="groups with nonzero reward spread per step")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward pass")
@@ -144,17 +145,6 @@ class TrainerConfig(Section):
     @property
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
-    @property
-    def codec(self) -> str:
-        """What workers are sent after each step: `demo` sends its own compressed step."""
-        return "demo" if self.optimizer == "demo" else self.weight_codec
-
-    @model_validator(mode="after")
-    def _codec_fits_optimizer(self) -> TrainerConfig:
-        if self.optimizer == "demo" and self.weight_codec != "full":
-            raise ValueError("weight_codec is for adamw; the demo optimizer sends its own step")
-        return self
 
 
 class RewardConfig(Section):
@@ -197,6 +187,12 @@ class SwarmConfig(Section):
     )
     keyframe_every: int = Field(
         0, ge=0, description="send full weights instead of deltas every N versions (0: never)"
+    )
+    hand_over_s: float = Field(
+        30.0,
+        ge=0,
+        description="after the last step, how long the trainer waits for connected workers to "
+        "get the final weights (0: not at all)",
     )
     update_history: int = Field(
         64, ge=0, description="deltas kept for workers that fall behind; further back: keyframe"
@@ -241,171 +237,3 @@ class Config(Section):
         if not self.rewards:
             raise ValueError("rewards: at least one reward function is required")
         return self
-
-
-def recipe_path(recipe: str | None) -> Path:
-    """A recipe argument as a file: a path, or the name of a recipe shipped with swarmrl."""
-    recipe = recipe or DEFAULT_RECIPE
-    path = Path(recipe)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{recipe}: recipe file not found")
-        return path
-    shipped = resources.files("swarmrl.recipes") / f"{recipe}.toml"
-    if not shipped.is_file():
-        known = sorted(
-            p.name[:-5]
-            for p in resources.files("swarmrl.recipes").iterdir()
-            if p.name.endswith(".toml")
-        )
-        raise ConfigError(f"{recipe}: no such recipe file or shipped recipe (shipped: {known})")
-    return Path(str(shipped))
-
-
-def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML recipe, apply `--section.key value` overrides, and validate the whole tree."""
-    path = recipe_path(recipe)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    _check_keys(data, Config, str(path))
-    files = data.get("data", {}).get("data_files")
-    if isinstance(files, dict):  # relative to the recipe, so shipped recipes carry their data
-        data["data"]["data_files"] = {
-            split: str(path.parent / name) if isinstance(name, str) else name
-            for split, name in files.items()
-        }
-    swarm = data.get("swarm", {})
-    for key in ("allow_keys", "trainer_key"):  # key files, relative to the recipe as well
-        if isinstance(swarm.get(key), str):
-            swarm[key] = str(path.parent / Path(swarm[key]).expanduser())
-    pairs = parse_overrides(overrides or [])
-    for key, raw in pairs:
-        _assign(data, key, _typed_value(key, raw))
-    data["recipe"] = str(path)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_describe(error, str(path), {key for key, _ in pairs})) from None
-
-
-def parse_overrides(arguments: list[str]) -> list[tuple[str, str]]:
-    """`['--trainer.learning_rate', '1e-5', '--eval.before=false']` -> [(key, raw text)]."""
-    pairs, index = [], 0
-    while index < len(arguments):
-        argument = arguments[index]
-        if not argument.startswith("--") or "." not in argument.split("=", 1)[0]:
-            raise ConfigError(f"command line: expected --section.key VALUE, got {argument!r}")
-        if "=" in argument:
-            key, raw = argument[2:].split("=", 1)
-            index += 1
-        else:
-            if index + 1 >= len(arguments):
-                raise ConfigError(f"command line: {argument} needs a value")
-            key, raw = argument[2:], arguments[index + 1]
-            index += 2
-        pairs.append((key, raw))
-    return pairs
-
-
-def _typed_value(key: str, raw: str) -> Any:
-    """Check the key path against the config tree; read the value as TOML unless it is a string.
-
-    A string field keeps the text as typed (`--logging.run_name 2024` stays "2024"); other
-    fields get TOML literals (numbers, booleans, arrays) and pydantic validates them.
-    """
-    model: type[BaseModel] = Config
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            close = difflib.get_close_matches(part, list(fields), n=1)
-            hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])!r}?" if close else ""
-            raise ConfigError(f"command line: unknown key {key!r}{hint}")
-        annotation = fields[part].annotation
-        if depth == len(parts) - 1:
-            if annotation in (str, str | None):
-                return raw
-            try:
-                return tomllib.loads(f"value = {raw}")["value"]
-            except tomllib.TOMLDecodeError:
-                return raw
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            section = ".".join(parts[: depth + 1])
-            raise ConfigError(
-                f"command line: {key!r}: {section!r} is not a section; "
-                "set lists such as [[rewards]] in the recipe file"
-            )
-        model = annotation
-    raise AssertionError("unreachable")
-
-
-def _assign(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        data = data.setdefault(part, {})
-    data[parts[-1]] = value
-
-
-def _check_keys(
-    data: dict[str, Any], model: type[BaseModel], source: str, prefix: str = ""
-) -> None:
-    """Reject unknown keys early with a 'did you mean' hint (pydantic's message lacks one)."""
-    fields = model.model_fields
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown key {prefix + key!r}{hint}")
-        annotation = fields[key].annotation
-        if (
-            isinstance(value, dict)
-            and isinstance(annotation, type)
-            and issubclass(annotation, BaseModel)
-        ):
-            _check_keys(value, annotation, source, f"{prefix}{key}.")
-
-
-def _describe(error: ValidationError, path: str, override_keys: set[str]) -> str:
-    """One line per problem, each naming where the bad value came from."""
-    lines = [f"{path}: invalid config"]
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        source = " [from the command line]" if location in override_keys else ""
-        lines.append(f"  {location}: {item['msg']} (got {item.get('input')!r}){source}")
-    return "\n".join(lines)
-
-
-def to_toml(config: Config) -> str:
-    """The resolved config as TOML text (for --dry-run and the run folder)."""
-    return _toml_table(config.model_dump(mode="json", exclude={"recipe"}))
-
-
-def _toml_table(data: dict[str, Any], prefix: str = "") -> str:
-    scalars, tables, arrays = [], [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            arrays.append((key, value))
-        elif value is not None:
-            scalars.append(f"{key} = {_toml_value(value)}")
-    text = "\n".join(scalars) + ("\n" if scalars else "")
-    for key, value in tables:
-        text += f"\n[{prefix}{key}]\n" + _toml_table(value, f"{prefix}{key}.")
-    for key, items in arrays:
-        for item in items:
-            text += f"\n[[{prefix}{key}]]\n" + _toml_table(item, f"{prefix}{key}.")
-    return text
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        # A JSON string literal (non-ASCII kept as is) is a valid TOML basic string.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)

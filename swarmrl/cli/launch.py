@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from swarmrl.config import Config
+from swarmrl.base.config import Config
 
 log = logging.getLogger("trainer")
 
@@ -23,14 +23,31 @@ log = logging.getLogger("trainer")
 def worker_command(endpoint: str, name: str, config: Config, folder: Path) -> list[str]:
     swarm = config.swarm
     return [
-        sys.executable, "-m", "swarmrl.rollout", "--connect", endpoint, "--name", name,
-        "--backend", swarm.backend, "--threads", str(swarm.worker_threads),
-        "--max-prompts", str(swarm.prompts_per_lease), "--log-dir", str(folder),
-        "--console-level", "warning", "--exit-with-parent",
+        sys.executable,
+        "-m",
+        "swarmrl.rollout",
+        "--connect",
+        endpoint,
+        "--name",
+        name,
+        "--backend",
+        swarm.backend,
+        "--threads",
+        str(swarm.worker_threads),
+        "--max-prompts",
+        str(swarm.prompts_per_lease),
+        "--log-dir",
+        str(folder),
+        "--console-level",
+        "warning",
+        "--exit-with-parent",
         # A closed swarm: local workers use the trainer's own key pair, which it accepts.
-        *(["--key", swarm.trainer_key, "--trainer-key", swarm.trainer_key]
-          if swarm.allow_keys and swarm.trainer_key else []),
-    ]  # fmt: skip
+        *(
+            ["--key", swarm.trainer_key, "--trainer-key", swarm.trainer_key]
+            if swarm.allow_keys and swarm.trainer_key
+            else []
+        ),
+    ]
 
 
 def run_local(config: Config, folder: Path, workers: int, resume: bool) -> dict[str, Any]:

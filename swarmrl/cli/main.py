@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from swarmrl.config import Config, ConfigError, LoggingConfig, load_config, to_toml
+from swarmrl.base.config import Config, ConfigError, LoggingConfig
+from swarmrl.base.recipes import load_config, split_overrides, to_toml
+from swarmrl.cli.choices import Registered, backend_names, check_choices
 
 OVERRIDE_HELP = "any config key, e.g. --trainer.learning_rate 2e-5 (see --dry-run for all keys)"
 
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--backend",
         default="auto",
-        choices=["auto", "vllm", "hf"],
+        choices=Registered(backend_names),
         help="inference engine (auto: vLLM when installed, else transformers)",
     )
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -126,21 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--section.key VALUE` / `--section.key=VALUE` pairs from ordinary arguments."""
-    rest, overrides, index = [], [], 0
-    while index < len(argv):
-        token = argv[index]
-        if token.startswith("--") and "." in token.split("=", 1)[0]:
-            take = 1 if "=" in token else 2
-            overrides += argv[index : index + take]
-            index += take
-        else:
-            rest.append(token)
-            index += 1
-    return rest, overrides
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
@@ -171,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe is None and resume not in (None, "latest"):
             recipe = str(Path(resume) / "config.toml")  # the run's own resolved config
         config = load_config(recipe, overrides)
+        check_choices(config)
     except ConfigError as error:
         print(f"swarmrl: {error}", file=sys.stderr)
         return 2
@@ -200,8 +188,8 @@ def run_folder(config: Config, resume: str | None) -> Path:
 
 
 def _train(arguments: argparse.Namespace, config: Config) -> int:
-    from swarmrl.launch import run_local
-    from swarmrl.logs import setup_logging
+    from swarmrl.base.logs import setup_logging
+    from swarmrl.cli.launch import run_local
     from swarmrl.protocol.auth import KeyFileError
 
     try:
@@ -243,9 +231,9 @@ def _train(arguments: argparse.Namespace, config: Config) -> int:
 def _worker(arguments: argparse.Namespace) -> int:
     import os
 
-    from swarmrl.logs import setup_logging
+    from swarmrl.base.logs import setup_logging
     from swarmrl.protocol.auth import KeyFileError, load_curve_client
-    from swarmrl.rollout.vllm_backend import EngineOptions
+    from swarmrl.rollout.backend import EngineOptions
     from swarmrl.rollout.worker import WorkerOptions, run_worker
 
     try:
@@ -256,7 +244,7 @@ def _worker(arguments: argparse.Namespace) -> int:
         return 2
     gpus = [g for g in (arguments.gpus or "").split(",") if g]
     if len(gpus) > 1:
-        from swarmrl.launch import run_per_gpu, without_option
+        from swarmrl.cli.launch import run_per_gpu, without_option
 
         worker_arguments = without_option(sys.argv[1:], "--name")
         if worker_arguments[:1] != ["worker"]:  # started as python -m swarmrl.rollout
@@ -270,24 +258,29 @@ def _worker(arguments: argparse.Namespace) -> int:
 
         logging.getLogger().handlers[0].setLevel(arguments.console_level.upper())
     options = WorkerOptions(
-        connect=arguments.connect, name=arguments.name, backend=arguments.backend,
-        device=arguments.device, dtype=arguments.dtype,
+        connect=arguments.connect,
+        name=arguments.name,
+        backend=arguments.backend,
+        device=arguments.device,
+        dtype=arguments.dtype,
         engine=EngineOptions(
             gpu_memory_utilization=arguments.gpu_memory_utilization,
             tensor_parallel_size=arguments.tensor_parallel_size,
             max_num_seqs=arguments.max_num_seqs,
         ),
-        max_prompts_per_lease=arguments.max_prompts, slowdown=arguments.slowdown,
-        max_leases=arguments.max_leases, exit_with_parent=arguments.exit_with_parent,
+        max_prompts_per_lease=arguments.max_prompts,
+        slowdown=arguments.slowdown,
+        max_leases=arguments.max_leases,
+        exit_with_parent=arguments.exit_with_parent,
         curve=curve,
-    )  # fmt: skip
+    )
     run_worker(options, arguments.threads)
     return 0
 
 
 def _eval(arguments: argparse.Namespace, config: Config) -> int:
-    from swarmrl.logs import setup_logging
-    from swarmrl.models import load_model, load_tokenizer, pick_device
+    from swarmrl.base.logs import setup_logging
+    from swarmrl.base.models import load_model, load_tokenizer, pick_device
     from swarmrl.trainer.data import load_tasks
     from swarmrl.trainer.evaluate import evaluate
 

@@ -8,7 +8,8 @@ A model reference is one string:
   PyPI). It is dequantized once into a normal HF folder under the cache directory, so every
   later load (trainer, workers, vLLM) reads plain safetensors.
 
-Heavy imports (torch, transformers) happen inside the functions.
+`load_parameters_in_place` writes a set of weights into a loaded model after checking that
+they fit. Heavy imports (torch, transformers) happen inside the functions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +115,27 @@ def load_model(reference: str, dtype: str = "float32", device: str = "cpu"):
         resolve_model(reference), dtype=getattr(torch, dtype)
     )
     return model.to(device).eval()
+
+
+def load_parameters_in_place(model: Any, tensors: dict[str, Any]) -> None:
+    """Copy `tensors` into the model's parameters, after checking every name and shape
+    (ValueError, nothing written, if they do not fit)."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    missing = sorted(set(parameters) - set(tensors))
+    unexpected = sorted(set(tensors) - set(parameters))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not fit the model: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    for name, parameter in parameters.items():
+        if tuple(tensors[name].shape) != tuple(parameter.shape):
+            raise ValueError(
+                f"weights do not fit the model: {name} has shape {tuple(tensors[name].shape)}, "
+                f"expected {tuple(parameter.shape)}"
+            )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(tensors[name])

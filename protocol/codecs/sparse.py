@@ -15,12 +15,17 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from swarmrl.protocol.codecs import PayloadError
-from swarmrl.protocol.demo import layout_hash
+from swarmrl.protocol.codecs.interface import (
+    PayloadError,
+    Tensors,
+    WeightCodec,
+    layout_hash,
+    shapes_of,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -44,10 +49,6 @@ def encode(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> 
     header = HEADER.pack(MAGIC, FORMAT, layout_hash(shapes_of(new)), len(after), int(changed.sum()))
     bitmap = np.packbits(changed.numpy()).tobytes()
     return header + bitmap + after[changed].numpy().tobytes()
-
-
-def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
 def apply_update(payload: bytes | memoryview, tensors: Mapping[str, torch.Tensor]) -> int:
@@ -89,3 +90,22 @@ def apply_update(payload: bytes | memoryview, tensors: Mapping[str, torch.Tensor
             flat[selected] = values[taken : taken + count]
             start, taken = start + flat.numel(), taken + count
     return changed
+
+
+class SparseBf16(WeightCodec):
+    name = "sparse"
+    keeps_previous = True
+
+    def published_dtype(self, trainer_dtype: str) -> str:
+        return "bfloat16"
+
+    def publishable(self, weights: Tensors) -> dict[str, torch.Tensor]:
+        import torch
+
+        return {name: t.to(torch.bfloat16) for name, t in weights.items()}
+
+    def encode(self, previous: Tensors | None, current: Tensors, optimizer: Any) -> bytes | None:
+        return None if previous is None else encode(previous, current)
+
+    def apply(self, payload: bytes | memoryview, tensors: Tensors) -> None:
+        apply_update(payload, tensors)

@@ -1,4 +1,4 @@
-"""The DeMo update codec: a compressed optimizer step that workers replay exactly.
+"""The `demo` codec (DeMo, decoupled momentum): a compressed optimizer step workers replay exactly.
 
 DeMo (Peng, Quesnelle, Kingma 2024) keeps only the largest DCT coefficients of the momentum
 and moves every weight by `lr * sign(decoded)`. Here that step is the wire format, and both
@@ -22,16 +22,15 @@ correctly rounded IEEE operations, the same bits on any CPU or GPU.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from swarmrl.protocol.codecs import PayloadError
+from swarmrl.protocol.codecs.interface import PayloadError, Tensors, WeightCodec, layout_hash
 
 if TYPE_CHECKING:
     import torch
@@ -79,11 +78,6 @@ def block_count(shape: tuple[int, ...], chunk: int) -> int:
 
 def position_bits(chunk: int) -> int:
     return max(1, math.ceil(math.log2(chunk * chunk)))
-
-
-def layout_hash(shapes: Mapping[str, tuple[int, ...]]) -> bytes:
-    text = "\n".join(f"{name}:{tuple(shapes[name])}" for name in sorted(shapes))
-    return hashlib.sha256(text.encode()).digest()[:8]
 
 
 def to_blocks(matrix: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
@@ -173,9 +167,16 @@ def encode(
     flat = torch.cat(codes).numpy().astype(np.uint64)
     blocks = sum(block_count(shapes[name], settings.chunk) for name in shapes)
     header = HEADER.pack(
-        MAGIC, FORMAT, value_bits, settings.chunk, settings.topk, lr, weight_decay,
-        layout_hash(shapes), blocks,
-    )  # fmt: skip
+        MAGIC,
+        FORMAT,
+        value_bits,
+        settings.chunk,
+        settings.topk,
+        lr,
+        weight_decay,
+        layout_hash(shapes),
+        blocks,
+    )
     return header + pack_codes(flat, width)
 
 
@@ -282,3 +283,24 @@ def apply_update(payload: bytes | memoryview, tensors: Mapping[str, torch.Tensor
                 tensor.mul_(1 - update.lr * update.weight_decay)
             tensor.add_(step.to(device=tensor.device, dtype=tensor.dtype), alpha=-update.lr)
     return update
+
+
+class DecoupledMomentum(WeightCodec):
+    """The demo optimizer's own step (trainer/optimizers.py): its payload is the message."""
+
+    name = "demo"
+    optimizer = "demo"
+
+    def check(self, trainer: Any) -> None:
+        chunk, topk = trainer.demo.chunk, trainer.demo.topk
+        if topk > chunk * chunk:
+            raise ValueError(f"trainer.demo.topk {topk} exceeds a {chunk}x{chunk} block")
+
+    def encode(self, previous: Tensors | None, current: Tensors, optimizer: Any) -> bytes:
+        payload = getattr(optimizer, "last_payload", None)
+        if payload is None:
+            raise RuntimeError("the demo codec publishes the demo optimizer's step: none yet")
+        return payload
+
+    def apply(self, payload: bytes | memoryview, tensors: Tensors) -> None:
+        apply_update(payload, tensors)

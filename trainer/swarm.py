@@ -1,0 +1,178 @@
+"""Rank 0's side of a run: the swarm server, each version's publication, progress and metrics.
+
+`Swarm.start` brings the server up (with the run's codec and reward functions) and tells the
+launcher where workers connect. `next_batch` waits for a step's groups (the server screens
+those of workers not yet proven honest with the log-prob check, when this process holds the
+whole model); `after_step` charges the sequences the step masked out, publishes the new
+version and writes the step's metrics. At the end, `hand_over` waits (bounded) until the
+connected workers hold the final weights. The other ranks of a torchrun job get `NoSwarm`, which
+has the same calls and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from swarmrl.protocol.codecs import codec_for
+from swarmrl.rewards import load_reward_function
+from swarmrl.trainer.buffer import ScoredGroup
+from swarmrl.trainer.leases import prompt_id
+from swarmrl.trainer.ledger import write_ledger
+from swarmrl.trainer.logprob_check import LogprobMismatch
+from swarmrl.trainer.optimizers import Publication
+from swarmrl.trainer.progress import Progress
+from swarmrl.trainer.publish import WeightPublisher
+from swarmrl.trainer.server import SwarmServer
+from swarmrl.trainer.step import screen_groups
+
+if TYPE_CHECKING:
+    from swarmrl.trainer.run import TrainingRun
+
+log = logging.getLogger("trainer")
+
+
+class Swarm:
+    def __init__(self, server: SwarmServer, publication: Publication, progress: Progress) -> None:
+        self.server, self.publication, self.progress = server, publication, progress
+        self.last_step_at = time.monotonic()
+
+    @classmethod
+    def start(
+        cls, run: TrainingRun, first: dict[str, Any], on_ready: Callable[[str], None] | None
+    ) -> Swarm:
+        """Serve the swarm from version `run.step`, whose full weights are `first`."""
+        config = run.config
+        publication = Publication(run.optimizer, codec_for(config.trainer))
+        publisher = WeightPublisher(
+            publication.published(run.step, first, after_step=False),
+            config.swarm.update_history,
+            config.swarm.keyframe_every,
+        )
+        rewards = [(r.function, load_reward_function(r.function), r.weight) for r in config.rewards]
+        # The run id is new for every trainer process: workers from before a restart must not
+        # trust their version numbers, so they are sent a keyframe.
+        run_id = uuid.uuid4().hex[:12]
+        server = SwarmServer(
+            config, run.tokenizer, run.tasks, rewards, run.leases, publisher, run_id
+        )
+        server.start()
+        log.info("listening on %s (run %s)", server.endpoint, server.run_id)
+        (run.folder / "endpoint").write_text(server.endpoint + "\n")
+        if on_ready is not None:
+            on_ready(server.endpoint)
+        return cls(server, publication, Progress(config.trainer.max_steps, run.step))
+
+    def next_batch(self, run: TrainingRun) -> list[ScoredGroup] | None:
+        """A step's groups, or None after a second without them."""
+        screen = None
+        if run.ranks.world_size == 1:  # screening is a forward pass of the whole model
+            screen = partial(
+                screen_groups, run.model, config=run.config, pad_id=run.pad_id, version=run.step
+            )
+        batch = self.server.next_batch(timeout_s=1.0, screen=screen)
+        if not self.server.alive:
+            raise RuntimeError("the swarm server thread died; see the error above")
+        if batch is None:
+            self.progress.update(run.step, None, self.server.worker_table())
+        return batch
+
+    def after_step(
+        self,
+        run: TrainingRun,
+        stats: dict[str, float],
+        mismatches: list[LogprobMismatch],
+        batch: list[ScoredGroup],
+        weights: dict[str, Any],
+        step_started: float,
+    ) -> None:
+        """Publish version `run.step`, charge mismatches, and log the step's metrics."""
+        step = run.step
+        self.server.report_logprob_mismatches(mismatches)
+        publish_started = time.monotonic()
+        published = self.publication.published(step, weights)
+        self.server.weights.publish(published)
+        stats["publish_seconds"] = time.monotonic() - publish_started
+        stats["update_bytes"] = len(
+            published.keyframe if published.delta is None else published.delta.payload
+        )
+        scored, workers = self.server.take_rewards(), self.server.worker_table()
+        write_ledger(run.folder, workers)
+        reward = sum(scored) / len(scored) if scored else float("nan")
+        now = time.monotonic()
+        stats.update(
+            reward_mean=reward,
+            samples_scored=len(scored),
+            accepted_samples_per_s=self.progress.update(step, reward, workers),
+            step_seconds=now - self.last_step_at,
+            train_seconds=now - step_started,
+            workers_connected=sum(w["connected"] for w in workers.values()),
+            policy_lag=sum(step - 1 - g.policy_version for g in batch) / len(batch),
+        )
+        self.last_step_at = now
+        assert run.metrics is not None
+        run.metrics.write(step, stats)
+        log.info(
+            "step %d reward %.3f loss %.4f grad %.2f len %.1f lag %.1f %.1fs (train %.1fs)",
+            step,
+            reward,
+            stats["loss"],
+            stats["grad_norm"],
+            stats["completion_length"],
+            stats["policy_lag"],
+            stats["step_seconds"],
+            stats["train_seconds"],
+        )
+        log.debug("step %d trained on %s", step, ",".join(prompt_id(g.prompt_index) for g in batch))
+
+    def lease_state(self) -> dict:
+        return self.server.lease_state()
+
+    def hand_over(self, timeout_s: float) -> None:
+        """After the last step: lease no more, and wait up to `timeout_s` until every connected
+        worker holds the final weights (a worker asks, and gets them, at its next request)."""
+        self.server.finish()
+        deadline = time.monotonic() + timeout_s
+        while (behind := self.server.behind()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if behind:
+            log.warning(
+                "%d workers did not get the final weights within %.0fs: %s",
+                len(behind),
+                timeout_s,
+                ", ".join(sorted(behind)[:8]),
+            )
+        else:
+            log.info(
+                "every connected worker holds the final weights (version %d)", self.server.version
+            )
+
+    def stop(self) -> dict[str, Any]:
+        """Close the progress display and the server; the final worker table."""
+        self.progress.close()
+        workers = self.server.worker_table()
+        self.server.stop()
+        return workers
+
+
+class NoSwarm:
+    """What ranks other than 0 hold in the swarm's place: the same calls, doing nothing."""
+
+    def next_batch(self, run: TrainingRun) -> None:
+        return None
+
+    def after_step(self, run: TrainingRun, *step: Any) -> None:
+        """Rank 0 publishes and logs."""
+
+    def lease_state(self) -> None:
+        return None
+
+    def hand_over(self, timeout_s: float) -> None:
+        """Rank 0 hands the final weights over."""
+
+    def stop(self) -> dict[str, Any]:
+        return {}
