@@ -98,7 +98,7 @@ def run_variant(name: str, overrides: list[str], steps: int, folder: Path, befor
         str(folder),
         "--logging.run_name",
         run_name,
-        "--logging.tensorboard=false",
+        "--logging.report_to=[]",
     ]
     log = folder / f"{run_name}.log"
     with log.open("w") as out:

@@ -35,6 +35,11 @@ LOGPROB_EPSILON = 1e-4
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 Reason = Annotated[str, Field(max_length=MAX_REASON_CHARS)]
+# Text a worker sends that reaches a log line, the ledger or a terminal: no control
+# characters (a newline could forge a log line, an escape sequence could rewrite a terminal).
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+Label = Annotated[str, Field(max_length=MAX_NAME_CHARS, pattern=PRINTABLE)]
+Remark = Annotated[str, Field(max_length=MAX_REASON_CHARS, pattern=PRINTABLE)]
 Version = Annotated[int, Field(ge=0)]
 WeightsVersion = Annotated[int, Field(ge=-1)]  # -1: holds no trainer weights
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
@@ -53,9 +58,9 @@ class Hello(_Model):
 
     type: Literal["hello"] = "hello"
     protocol_version: int = PROTOCOL_VERSION
-    worker_name: Name
-    backend: Name
-    software_version: Name  # the worker's swarmrl version, for the ledger
+    worker_name: Label
+    backend: Label
+    software_version: Label  # the worker's swarmrl version, for the ledger
     max_prompts_per_lease: int = Field(ge=1)
     weights_version: WeightsVersion = -1
 
@@ -85,6 +90,8 @@ class RunSpec(_Model):
     heartbeat_interval_s: float = Field(gt=0)
     heartbeat_timeout_s: float = Field(gt=0)
     weights_version: WeightsVersion
+    # LoRA: the published weights are adapters; a worker merges W + adapter_scale * B @ A.
+    adapter_scale: float | None = Field(default=None, gt=0)
 
 
 class WorkRequest(_Model):
@@ -182,7 +189,7 @@ class Heartbeat(_Model):
 
 class Bye(_Model):
     type: Literal["bye"] = "bye"
-    reason: Reason
+    reason: Remark
 
 
 Message = Annotated[

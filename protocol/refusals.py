@@ -23,6 +23,7 @@ REASONS: dict[str, bool] = {
     # who sent it
     "unknown_worker": False,
     "quarantined": False,
+    "too_many_workers": False,
     # a work request
     "too_many_leases": False,
     "future_version": True,

@@ -184,7 +184,26 @@ def send_to(
     identity: bytes,
     message: BaseModel,
     blobs: Sequence[bytes | memoryview] = (),
-) -> None:
+    track: bool = False,
+) -> zmq.MessageTracker | None:
     """Send a message to one worker. Never blocks: if that worker is gone or its queue is full,
-    ZeroMQ drops the message silently. Blobs are sent zero-copy: don't mutate them afterwards."""
-    router.send_multipart([identity, *encode(message, blobs)], copy=False)
+    ZeroMQ drops the message silently. Blobs are sent zero-copy: don't mutate them afterwards.
+    `track`: return a MessageTracker whose `done` says when libzmq has let go of the blobs
+    (sent, or dropped with the connection): until then their memory stays pinned."""
+    return router.send_multipart([identity, *encode(message, blobs)], copy=False, track=track)
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address ("" if the transport has none)."""
+    try:
+        return frame.get("Peer-Address") or ""
+    except zmq.ZMQError:
+        return ""
+
+
+def peer_key(frame: zmq.Frame) -> str:
+    """A closed swarm's authenticated CURVE public key of the sender (Z85), or "" if open."""
+    try:
+        return frame.get("User-Id") or ""
+    except zmq.ZMQError:
+        return ""

@@ -26,9 +26,12 @@ class Scores:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _checked(rewards: Any, size: int) -> list[float | None]:
+def check_rewards(rewards: Any, size: int) -> list[float | None]:
     """The rewards as floats (NaN and inf as None), or ValueError when they cannot be used."""
-    rewards = list(rewards)
+    try:
+        rewards = list(rewards)
+    except TypeError:
+        raise ValueError(f"returned a {type(rewards).__name__}, not a list of rewards") from None
     if len(rewards) != size:
         raise ValueError(f"returned {len(rewards)} rewards for {size} completions")
     checked: list[float | None] = []
@@ -52,7 +55,7 @@ def score_completions(
     scores = Scores(total=[0.0] * len(completions))
     for name, function, weight in functions:
         try:
-            rewards = _checked(function(prompts, completions, **columns), len(completions))
+            rewards = check_rewards(function(prompts, completions, **columns), len(completions))
         except Exception as e:
             error = traceback.format_exception_only(e)[-1].strip()
             logger.warning("reward function %s failed; None for this batch: %s", name, error)

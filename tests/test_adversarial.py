@@ -18,8 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,148 +26,13 @@ import pytest
 import zmq
 
 from benchmarks.attack_curve import forged_completions
-from swarmrl.base.config import Config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import encode
-from swarmrl.protocol.transport import Channel, make_dealer
-from swarmrl.rewards import load_reward_function
-from swarmrl.trainer.data import load_tasks
-from swarmrl.trainer.leases import LeaseBook
 from swarmrl.trainer.logprob_check import LogprobMismatch
-from swarmrl.trainer.publish import Delta, Published, WeightPublisher
+from swarmrl.trainer.publish import Delta, Published
 from swarmrl.trainer.server import SwarmServer
 from tests.conftest import start_trainer, start_worker, wait_for_text
-
-
-class Peer:
-    """One connection to the trainer that sends exactly what the test tells it to."""
-
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
-        identity = b"A" + uuid.uuid4().bytes  # must not start with a zero byte
-        self.channel = Channel(make_dealer(context, endpoint, identity, 2**26))
-        self.version = 0
-
-    def send(self, message: Any) -> None:
-        self.channel.send(message, timeout_s=5.0)
-
-    def send_frames(self, frames: list[bytes]) -> None:
-        self.channel.socket.send_multipart(frames)
-
-    def receive(self, timeout_s: float = 5.0) -> Any:
-        """The next message that is not a heartbeat; None after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            received = self.channel.recv(left)
-            if received is not None and not isinstance(received[0], m.Heartbeat):
-                return received[0]
-        return None
-
-    def hello(self, name: str) -> m.RunSpec:
-        self.send(
-            m.Hello(
-                worker_name=name, backend="hf", software_version="test", max_prompts_per_lease=1
-            )
-        )
-        spec = self.receive()
-        assert isinstance(spec, m.RunSpec), spec
-        self.version = spec.weights_version
-        return spec
-
-    def ask(self) -> Any:
-        """Ask for work, claiming to hold the trainer's current weights; the answer."""
-        self.send(m.WorkRequest(max_prompts=1, weights_version=self.version))
-        return self.receive()
-
-    def lease(self) -> m.Lease:
-        answer = self.ask()
-        assert isinstance(answer, m.Lease), answer
-        return answer
-
-    def submit(self, submission: m.Submission) -> Any:
-        self.send(submission)
-        return self.receive()
-
-
-def completion(tokenizer: Any, text: str, logprob: float = -1.0) -> m.Completion:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return m.Completion(
-        token_ids=ids,
-        logprobs=[logprob] * len(ids),
-        text=tokenizer.decode(ids, skip_special_tokens=True),
-        finish_reason="stop",
-    )
-
-
-def submission(
-    lease: m.Lease, completions: list[m.Completion], version: int | None = None, **extra: Any
-) -> m.Submission:
-    return m.Submission(
-        lease_id=lease.lease_id,
-        policy_version=lease.policy_version if version is None else version,
-        groups=[
-            m.GroupResult(prompt_id=p.prompt_id, completions=completions) for p in lease.prompts
-        ],
-        generation_seconds=0.1,
-        **extra,
-    )
-
-
-def answer_of(lease: m.Lease, tasks: Any) -> str:
-    return tasks.train(int(lease.prompts[0].prompt_id[1:])).answer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path: str) -> Any:
-    from swarmrl.base.models import load_tokenizer
-
-    return load_tokenizer(model_path)
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
-def swarm(tokenizer: Any) -> Iterator[Callable[..., SwarmServer]]:
-    """Start a SwarmServer with test settings (plus `swarm` overrides); stopped afterwards."""
-    started: list[SwarmServer] = []
-
-    def start(**swarm: Any) -> SwarmServer:
-        config = Config(
-            sampling={"num_generations": 2, "max_completion_length": 16},
-            trainer={"prompts_per_step": 2, "max_staleness": 1},
-            swarm={
-                "prompts_per_lease": 1,
-                "max_message_mb": 1,
-                "heartbeat_timeout_s": 60,
-                "quarantine_rejections": 4,
-                "quarantine_fraction": 0.5,
-                **swarm,
-            },
-        )
-        server = SwarmServer(
-            config,
-            tokenizer,
-            load_tasks(config.data, 0),
-            [("integer_match", load_reward_function("integer_match"), 1.0)],
-            LeaseBook.from_config(config),
-            WeightPublisher(Published(version=0, fingerprint="base", keyframe=b"")),
-            "adversarial",
-        )
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-def publish(server: SwarmServer, version: int) -> None:
-    server.weights.publish(Published(version=version, fingerprint=f"v{version}", keyframe=b""))
+from tests.peers import Peer, answer_of, completion, prove, publish, submission
 
 
 def test_rewards_are_the_trainers_own_never_the_workers(
@@ -274,10 +138,15 @@ def test_oversized_messages_are_refused_before_they_are_decoded(
     assert isinstance(refused, m.Reject) and refused.reason == "too_large", refused
     assert str(server.gate.max_message_bytes) in refused.detail
     # Without an open lease, nothing over 64 KiB is even decoded.
-    stranger = Peer(context, server.endpoint)
-    stranger.send_frames([b"\x81" * 70_000])
-    refused = stranger.receive()
+    holder = Peer(context, server.endpoint)
+    holder.hello("no-lease")
+    holder.send_frames([b"\x81" * 70_000])
+    refused = holder.receive()
     assert isinstance(refused, m.Reject) and refused.reason == "too_large", refused
+    # From a connection that never said hello, anything bigger than a hello is ignored.
+    stranger = Peer(context, server.endpoint)
+    stranger.send_frames([b"\x81" * 5_000])
+    assert stranger.receive(timeout_s=1.0) is None
     # Over ZeroMQ's MAXMSGSIZE (max_message_mb = 1) the connection is dropped unanswered.
     stranger.send_frames([b"x" * (2**20 + 1)])
     assert stranger.receive(timeout_s=1.0) is None
@@ -308,6 +177,7 @@ def test_a_flood_is_rate_limited_and_does_not_starve_an_honest_worker(
         time.sleep(0.5)  # the flood is on
         honest = Peer(honest_context, server.endpoint)
         honest.hello("honest")
+        prove(server, "honest")
         answers = [completion(tokenizer, "1"), completion(tokenizer, "2")]
         slowest = 0.0
         for _ in range(5):
@@ -337,6 +207,7 @@ def test_open_leases_per_worker_are_bounded(
     server = swarm(max_open_leases=2)
     hoarder = Peer(context, server.endpoint)
     hoarder.hello("hoarder")
+    prove(server, "hoarder")
     hoarder.lease()
     hoarder.lease()
     refused = hoarder.ask()
@@ -353,6 +224,7 @@ def test_a_worker_asking_ahead_waits_while_an_idle_one_has_no_lease(
     server = swarm()
     early = Peer(context, server.endpoint)
     early.hello("early")
+    prove(server, "early")
     first = early.lease()
     early.lease()  # nobody is waiting yet: asking ahead is fine
     idle = Peer(context, server.endpoint)
@@ -382,10 +254,14 @@ def test_a_worker_asking_again_before_its_chain_arrived_gets_only_what_is_new(
     server.weights.publish(Published(3, "v3", b"", Delta("demo", b"3")))
     peer.send(m.WorkRequest(max_prompts=1, weights_version=1))
     assert peer.receive().version == 3  # only what came after the chain in flight
-    peer.send(m.WorkRequest(max_prompts=1, weights_version=-1))  # lost its copy: a keyframe
+    peer.send(m.WorkRequest(max_prompts=1, weights_version=-1))  # lost its copy:
+    rebuild = [peer.receive() for _ in range(3)]  # rebuild from the base weights and the chain
+    assert [(u.version, u.base_version) for u in rebuild] == [(1, 0), (2, 1), (3, 2)]
+    server.weights.publish(Published(5, "v5", b"K", Delta("demo", b"5")))  # 4 missing: no chain
+    peer.send(m.WorkRequest(max_prompts=1, weights_version=-1))
     keyframe = peer.receive()
-    assert (keyframe.version, keyframe.codec) == (3, "full")
-    peer.version = 3
+    assert (keyframe.version, keyframe.codec, keyframe.base_version) == (5, "full", -1)
+    peer.version = 5
     assert isinstance(peer.ask(), m.Lease)
 
 
@@ -432,7 +308,7 @@ def test_logprob_mismatches_from_the_training_step_quarantine_and_drop_buffered_
     assert len(server.buffer) == 1
     held = forger.lease()
     server.report_logprob_mismatches(
-        [LogprobMismatch("forger", prompt_index=0, lag=0, mean_gap=3.1, max_gap=9.0)] * 3
+        [LogprobMismatch("forger", prompt_index=0, lag=0, mean_gap=3.1, max_gap=9.0)] * 3, []
     )
     row = server.worker_table()["forger"]
     assert row["reasons"] == {"logprob_mismatch": 1} and row["faults"] == 3

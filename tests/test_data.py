@@ -286,3 +286,43 @@ def test_gsm8k_recipe_loads_offline_from_a_local_fixture(tmp_path, monkeypatch) 
     question = tasks.heldout[0].question
     completions = ["She sells 9 eggs, so she makes \\boxed{18} dollars.", "The answer is 16."]
     assert accuracy([question] * 2, completions, answer=["18", "18"]) == [1.0, 0.0]
+
+
+# --- TRL's dataset formats drop in ----------------------------------------------------------
+
+
+def trl_config(tmp_path: Path, rows: list[dict[str, Any]]) -> DataConfig:
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", rows) for split in ("train", "test")}
+    return DataConfig(source="huggingface", path="json", data_files=files)
+
+
+def test_trl_conversational_prompts_load_as_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    conversation = [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "What is 2 + 3?"},
+    ]
+    rows = [{"prompt": conversation, "solution": "5", "level": 1}] * 3
+    tasks = DatasetTasks(trl_config(tmp_path, rows), heldout_size=1)
+    task = tasks.train(0)
+    assert task.question == conversation and task.answer == ""
+    assert task.columns == {"solution": "5", "level": 1}  # what the rewards read
+    tokenizer = FakeTokenizer()
+    text = prompt_text(DataConfig(), tokenizer, task.question)
+    assert text == "<system>Answer with a number.</system><user>What is 2 + 3?</user><assistant>"
+    assert tokenizer.calls[0][1] == {"tokenize": False, "add_generation_prompt": True}
+
+
+def test_trl_standard_prompts_are_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": "The sky is", "ground_truth": "blue"}] * 2
+    task = DatasetTasks(trl_config(tmp_path, rows), heldout_size=1).train(1)
+    assert task.question == "The sky is" and task.columns == {"ground_truth": "blue"}
+    plain = DataConfig(use_chat_template=False)  # as TRL uses a standard prompt: raw text
+    assert prompt_text(plain, None, task.question) == "The sky is"

@@ -106,7 +106,7 @@ def test_truncated_importance_weight_and_cap() -> None:
     logprobs = torch.zeros(1, 4, requires_grad=True)
     behavior = torch.tensor([[-LN3, LN2, 0.0, float("nan")]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    cfg = LossConfig(tis_cap=2.0)
+    cfg = LossConfig(sampler_clip_max=2.0)
     loss, stats = per_token_loss(logprobs, torch.zeros(1, 4), behavior, torch.ones(1), mask, cfg)
     close(loss, [[-2.0, -0.5, -1.0, 0.0]])
     close(stats["is_weight_mean"], 3.5 / 3)  # (2 + 0.5 + 1) / 3
@@ -289,3 +289,88 @@ def test_entropy_from_logits() -> None:
     out = entropy_from_logits(exact_in_bf16, temperature=2.0)
     assert out.dtype == torch.float32
     close(out, [[math.log(4.0), LN2]])
+
+
+# ---- the newer loss variants, by hand ------------------------------------------------------
+
+
+def one_token(logprob: float) -> torch.Tensor:
+    return torch.tensor([[logprob]], requires_grad=True)
+
+
+def test_cispo_weights_by_the_capped_ratio_and_differentiates_the_log_prob() -> None:
+    # r = e^0.5 = 1.6487 > cap 1.5: weight 1.5 (detached); loss = -1.5 * A * logp = -1.5
+    logprobs, ones = one_token(0.5), torch.ones(1, 1)
+    cfg = LossConfig(loss_type="cispo", epsilon_high=1.5, sampler_clip_max=None,
+                     sampler_mode="token_mask")  # fmt: skip
+    loss, _ = per_token_loss(logprobs, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([2.0]),
+                             ones, cfg)  # fmt: skip
+    assert loss.item() == pytest.approx(-1.5)
+    loss.sum().backward()
+    assert logprobs.grad.item() == pytest.approx(-3.0)  # -cap * A: no gradient through the cap
+
+
+def test_sapo_is_a_soft_gate_with_slope_one_at_ratio_one() -> None:
+    for advantage, tau in ((1.0, 1.0), (-1.0, 1.05)):
+        logprobs = one_token(0.0)  # r = 1: sigmoid(0) * 4 / tau = 2 / tau
+        loss, _ = per_token_loss(logprobs, torch.zeros(1, 1), torch.zeros(1, 1),
+                                 torch.tensor([advantage]), torch.ones(1, 1),
+                                 LossConfig(loss_type="sapo"))  # fmt: skip
+        assert loss.item() == pytest.approx(-2.0 / tau * advantage)
+        loss.sum().backward()
+        assert logprobs.grad.item() == pytest.approx(-advantage)  # 4 * sigmoid'(0) = 1
+
+
+def test_gspo_clips_the_mean_log_ratio_of_the_sequence() -> None:
+    logprobs = torch.tensor([[0.2, 0.4]], requires_grad=True)  # mean 0.3: s = e^0.3 = 1.3499
+    cfg = LossConfig(loss_type="grpo", importance_sampling_level="sequence")
+    loss, stats = per_token_loss(logprobs, torch.zeros(1, 2), torch.zeros(1, 2),
+                                 torch.tensor([1.0]), torch.ones(1, 2), cfg)  # fmt: skip
+    assert loss[0].tolist() == pytest.approx([-1.2, -1.2])  # clipped at 1 + 0.2, every token
+    assert stats["clip_ratio_high"].item() == 1.0
+
+
+def test_delta_caps_the_unclipped_ratio_for_negative_advantages() -> None:
+    logprobs = one_token(math.log(5.0))  # r = 5, A = -1: plain clip gives -min(-5, -1.2) = 5
+    args = (torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1))
+    plain, _ = per_token_loss(logprobs, *args, LossConfig())
+    capped, _ = per_token_loss(logprobs, *args, LossConfig(delta=4.0))
+    assert plain.item() == pytest.approx(5.0) and capped.item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "clip_min", "expected"),
+    [
+        ("token_truncate", None, [2.0, math.exp(0.5)]),  # e^1 = 2.72 capped at 2
+        ("token_mask", None, [0.0, math.exp(0.5)]),  # ... or dropped
+        ("sequence_truncate", None, [2.0, 2.0]),  # e^(1 + 0.5) = 4.48 for the whole sequence
+        ("sequence_mask", None, [0.0, 0.0]),
+        ("token_truncate", 2.0, [2.0, 2.0]),  # e^0.5 = 1.65 raised to clip_min 2
+    ],
+)
+def test_sampler_correction_modes(mode: str, clip_min: float | None, expected: list) -> None:
+    from swarmrl.trainer.grpo import sampler_weight
+
+    old, behavior = torch.zeros(1, 2), torch.tensor([[-1.0, -0.5]])  # gaps 1.0 and 0.5
+    cfg = LossConfig(sampler_mode=mode, sampler_clip_min=clip_min, sampler_clip_max=2.0)
+    weight, _ = sampler_weight(old, behavior, torch.ones(1, 2), cfg)
+    assert weight.expand(1, 2)[0].tolist() == pytest.approx(expected)
+
+
+def test_cispo_aggregates_over_tokens_and_sapo_over_sequences() -> None:
+    token_loss = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    normaliser = BatchNormaliser(num_sequences=2, num_tokens=4)
+    cispo = aggregate_loss(token_loss, mask, LossConfig(loss_type="cispo"), normaliser)
+    sapo = aggregate_loss(token_loss, mask, LossConfig(loss_type="sapo"), normaliser)
+    assert cispo.item() == pytest.approx(7 / 4)  # token sum / tokens
+    assert sapo.item() == pytest.approx((1 + 4) / 2)  # mean of the per-sequence means
+
+
+def test_overlong_penalty_ramps_over_the_buffer() -> None:
+    from swarmrl.trainer.grpo import overlong_penalty
+
+    assert overlong_penalty(28, max_length=32, buffer=4, factor=1.0) == 0.0
+    assert overlong_penalty(30, max_length=32, buffer=4, factor=1.0) == -0.5
+    assert overlong_penalty(32, max_length=32, buffer=4, factor=2.0) == -2.0
+    assert overlong_penalty(32, max_length=32, buffer=0, factor=2.0) == 0.0  # off

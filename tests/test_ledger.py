@@ -26,7 +26,7 @@ RULE = SwarmConfig(quarantine_rejections=10, quarantine_fraction=0.5)
 
 def test_faults_beyond_the_threshold_and_fraction_quarantine_a_worker() -> None:
     ledger = Ledger(RULE)
-    cheat = ledger.join("cheat", now=0.0)
+    cheat = ledger.join("cheat", b"cheat", now=0.0)
     ledger.accept(cheat, 4)
     assert not ledger.reject(cheat, "text_mismatch", 8)  # 8 faults: not more than 10
     assert ledger.reject(cheat, "duplicate", 4)  # 12 > 10, and 12 > 0.5 * (4 + 12)
@@ -38,7 +38,7 @@ def test_faults_beyond_the_threshold_and_fraction_quarantine_a_worker() -> None:
 
 def test_a_worker_that_mostly_delivers_is_not_quarantined_for_a_few_faults() -> None:
     ledger = Ledger(RULE)
-    busy = ledger.join("busy", now=0.0)
+    busy = ledger.join("busy", b"busy", now=0.0)
     ledger.accept(busy, 100)
     for _ in range(30):
         assert not ledger.reject(busy, "logprob_mismatch")  # 30 > 10 but 30 < 0.5 * 130
@@ -47,24 +47,41 @@ def test_a_worker_that_mostly_delivers_is_not_quarantined_for_a_few_faults() -> 
 
 def test_bad_luck_never_quarantines() -> None:
     ledger = Ledger(RULE)
-    slow = ledger.join("slow", now=0.0)
+    slow = ledger.join("slow", b"slow", now=0.0)
     for reason in ("stale_version", "lease_expired", "unknown_lease", "too_many_leases"):
         assert not ledger.reject(slow, reason, 50)
     assert slow.rejected == 200 and slow.faults == 0 and not slow.quarantined
 
 
-def test_a_returning_worker_keeps_its_record() -> None:
+def test_a_returning_connection_keeps_its_record_a_new_one_under_its_name_does_not() -> None:
     ledger = Ledger(SwarmConfig(quarantine_rejections=0, quarantine_fraction=0.0))
-    first = ledger.join("w", now=1.0)
+    first = ledger.join("w", b"conn-1", now=1.0, address="10.0.0.7")
     assert ledger.reject(first, "invalid")
-    first.connected = False
-    again = ledger.join("w", now=5.0)
+    ledger.leave(first)
+    again = ledger.join("w", b"conn-1", now=5.0, address="10.0.0.7")
     assert again is first and again.connected and again.quarantined and again.last_seen == 5.0
+    other = ledger.join("w", b"conn-2", now=6.0, address="10.0.0.8")
+    assert other.worker_id.startswith("w-") and not other.quarantined and not other.suspect
+
+
+def test_quarantine_follows_the_address_or_the_key_never_the_name() -> None:
+    ledger = Ledger(SwarmConfig(quarantine_rejections=10, quarantine_fraction=0.5))
+    cheat = ledger.join("mallory", b"c1", now=0.0, address="10.0.0.9")
+    ledger.reject(cheat, "text_mismatch", 11)
+    assert cheat.quarantined
+    # The next connection from that address starts suspect: its first fault quarantines it.
+    back = ledger.join("anyone", b"c2", now=1.0, address="10.0.0.9")
+    assert back.suspect and not back.quarantined
+    assert ledger.reject(back, "malformed")
+    # In a closed swarm the key carries it.
+    keyed = ledger.join("k", b"c3", now=2.0, key="KEY")
+    ledger.reject(keyed, "duplicate", 11)
+    assert ledger.key_quarantined("KEY") and not ledger.key_quarantined("OTHER")
 
 
 def test_table_reports_throughput_and_wall_clock_last_seen() -> None:
     ledger = Ledger(RULE)
-    worker = ledger.join("w", now=100.0)
+    worker = ledger.join("w", b"w", now=100.0)
     worker.last_seen = 120.0
     ledger.accept(worker, 40)
     ledger.reject(worker, "stale_version", 8)
@@ -79,7 +96,10 @@ def test_table_reports_throughput_and_wall_clock_last_seen() -> None:
 
 def table() -> dict:
     ledger = Ledger(SwarmConfig(quarantine_rejections=2, quarantine_fraction=0.5))
-    honest, cheat = ledger.join("worker-1", now=0.0), ledger.join("mallory", now=0.0)
+    honest, cheat = (
+        ledger.join("worker-1", b"worker-1", now=0.0),
+        ledger.join("mallory", b"mallory", now=0.0),
+    )
     honest.last_seen = 10.0
     ledger.accept(honest, 30)
     ledger.reject(cheat, "logprob_mismatch", 8)
@@ -139,9 +159,10 @@ def test_status_prints_the_newest_run_by_default(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "arithmetic-1").mkdir(parents=True)
     write_ledger(tmp_path / "runs" / "arithmetic-1", table())
+    (tmp_path / "runs" / "arithmetic-1" / "trainer.pid").write_text(str(os.getpid()))  # alive
     assert main(["status"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(str(Path("runs") / "arithmetic-1") + " (written ")
+    assert out[0].startswith(str(Path("runs") / "arithmetic-1") + " (running; ledger written ")
     assert out[1].startswith("worker") and {line.split()[0] for line in out[2:]} == {
         "mallory",
         "worker-1",
@@ -163,13 +184,27 @@ def test_progress_summary_shows_share_rejections_and_quarantine() -> None:
     assert worker_summary("mallory", rows["mallory"], 0) == "mallory 0% rej 9 quarantined"
 
 
-def test_a_name_in_use_by_a_connected_worker_gets_a_suffix() -> None:
+def test_a_name_taken_by_a_record_gets_a_suffix() -> None:
     ledger = Ledger(RULE)
-    assert ledger.new_id("gpu", connected=set()) == "gpu"
-    assert ledger.new_id("gpu", connected={"gpu"}) == "gpu-1"
-    assert ledger.new_id("gpu", connected={"gpu", "gpu-2"}) == "gpu-3"
-    assert ledger.new_id("", connected=set()) == "worker"
-    assert ledger.new_id("x" * 128, connected=set()) == "x" * 100
+    assert ledger.join("gpu", b"1", now=0.0).worker_id == "gpu"
+    assert ledger.join("gpu", b"2", now=0.0).worker_id == "gpu-1"
+    assert ledger.join("gpu", b"3", now=0.0).worker_id == "gpu-2"
+    assert ledger.join("", b"4", now=0.0).worker_id == "worker"
+    assert ledger.join("x" * 128, b"5", now=0.0).worker_id == "x" * 100
+
+
+def test_status_tells_a_finished_run_from_a_live_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_ledger(tmp_path, table(), finished=True)
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "(finished;" in out[0]
+    assert {line.split()[1] for line in out[2:]} == {"quarantined", "left"}
+    write_ledger(tmp_path, table())  # not finished, and no trainer process behind it
+    (tmp_path / "trainer.pid").write_text("999999999")
+    assert main(["status", str(tmp_path)]) == 0
+    assert "(stopped without finishing;" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_the_progress_line_shows_the_top_connected_workers_and_counts_the_rest() -> None:

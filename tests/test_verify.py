@@ -259,6 +259,7 @@ class GradientRecorder:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.gradients: dict[str, Any] = {}
+        self.param_groups: list[dict[str, Any]] = [{}]  # the step sets a learning rate here
 
     def step(self) -> None:
         parameters = dict(self.model.named_parameters())

@@ -224,3 +224,26 @@ def test_replica_replays_checks_the_fingerprint_and_asks_for_keyframes() -> None
     assert weights_fingerprint(drifted.apply(keyframe, encode_full(held), -1)) == update.fingerprint
     with pytest.raises(NeedKeyframe, match="codec"):
         replica.apply(update.model_copy(update={"codec": "zip"}), payload, held_version=3)
+
+
+def test_keyframes_only_now_and_then_and_a_worker_catches_up_from_the_newest() -> None:
+    model = tiny_model()
+    optimizer = DemoOptimizer(list(model.named_parameters()), 1e-3, 0.0, 0.9, demo.DemoSettings())
+    publication = Publication(optimizer, get_codec("demo"), keyframe_interval=3)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    publisher = WeightPublisher(publication.published(0, weights, after_step=False), history=2)
+    made = []
+    for version in range(1, 6):
+        model(torch.randn(2, 96)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        published = publication.published(version, weights)
+        made.append(published.keyframe is not None)
+        publisher.publish(published)
+    assert made == [False, False, True, False, False]  # versions 3 (and 0): every 3rd
+    assert [(u.version, u.base_version) for u, _ in publisher.catch_up(-1)] == [
+        (3, -1),  # the newest keyframe (the base and chain from 0 are gone: history 2) ...
+        (4, 3),
+        (5, 4),  # ... then the deltas since
+    ]
+    assert [u.version for u, _ in publisher.catch_up(4)] == [5]

@@ -80,3 +80,14 @@ def test_a_lease_past_its_deadline_is_dropped_not_submitted() -> None:
     assert not [s for s in channel.sent if isinstance(s, m.Submission)]
     assert worker.deadlines == {}
     worker._close("test")
+
+
+def test_a_refused_work_request_is_an_answer_not_a_hang() -> None:
+    worker, _ = worker_with(SlowEngine(0.0))
+    worker.requested = True  # a pipelined request is out
+    refused = m.Reject(lease_id=None, reason="too_many_leases", detail="1 leases open")
+    worker._dispatch(refused, [])
+    assert not worker.requested
+    answer, _ = worker.inbox.popleft()
+    assert isinstance(answer, m.NoWork) and answer.reason == "too_many_leases"
+    worker._close("test")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ScoredGroup:
     rewards: list[float]
     worker_id: str
     policy_version: int
+    truncated: list[bool] = field(default_factory=list)  # cut off at the length limit
 
     def has_signal(self) -> bool:
         return max(self.rewards) > min(self.rewards)
@@ -52,9 +54,16 @@ class GroupBuffer:
             self._ready.notify_all()
 
     def take(
-        self, count: int, current_version: int, max_staleness: int, timeout_s: float
+        self,
+        count: int,
+        current_version: int,
+        max_staleness: int,
+        timeout_s: float,
+        minimum: int | None = None,
     ) -> tuple[list[ScoredGroup] | None, list[ScoredGroup]]:
-        """Wait for `count` fresh groups. Returns (batch or None on timeout/close, stale groups)."""
+        """Wait for `count` fresh groups, or settle for `minimum` (of up to `count`). Returns
+        (batch or None on timeout/close, stale groups)."""
+        minimum = count if minimum is None else minimum
         stale: list[ScoredGroup] = []
         deadline = time.monotonic() + timeout_s
         with self._ready:
@@ -64,8 +73,8 @@ class GroupBuffer:
                     too_old = current_version - group.policy_version > max_staleness
                     (stale if too_old else fresh).append(group)
                 self._groups = fresh
-                if len(fresh) >= count:
-                    return [fresh.popleft() for _ in range(count)], stale
+                if len(fresh) >= minimum:
+                    return [fresh.popleft() for _ in range(min(count, len(fresh)))], stale
                 remaining = deadline - time.monotonic()
                 if self._closed or remaining <= 0 or not self._ready.wait(remaining):
                     return None, stale
@@ -82,6 +91,13 @@ class GroupBuffer:
             dropped = [g for g in self._groups if g.worker_id == worker_id]
             self._groups = deque(g for g in self._groups if g.worker_id != worker_id)
             return dropped
+
+    def take_where(self, wanted: Callable[[ScoredGroup], bool]) -> list[ScoredGroup]:
+        """Take out the groups `wanted` says yes to, in their order, and return them."""
+        with self._ready:
+            taken = [g for g in self._groups if wanted(g)]
+            self._groups = deque(g for g in self._groups if not wanted(g))
+            return taken
 
     def peek(self) -> list[ScoredGroup]:
         with self._ready:

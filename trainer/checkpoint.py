@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from swarmrl.base.adapters import checkpoint_names
 from swarmrl.base.models import load_parameters_in_place
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, restore: Restore | N
     in-place load (a sharded trainer's rank 0 hands them to every rank)."""
     state, tensors, optimizer_state = read_checkpoint(path)
     hint = "resume with the run's own config (its config.toml)"
-    names = {name for name, _ in model.named_parameters()}
-    missing = sorted(names - set(tensors))
+    names = checkpoint_names(model)  # a LoRA model's checkpoint holds its adapters
+    missing = sorted(set(names) - set(tensors))
     if missing:
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit this model: its safetensors files lack "
@@ -150,12 +151,12 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, restore: Restore | N
             f"checkpoint {path} does not fit this run: {path / OPTIMIZER_FILE} holds parameter "
             f"groups of sizes {saved_groups}, this run's optimizer {own_groups}; {hint}"
         )
-    fitting = {k: v for k, v in tensors.items() if k in names}
+    fitting = {names[k]: v for k, v in tensors.items() if k in names}
     if restore is not None:
         restore(fitting, optimizer_state)
     else:
         try:
-            load_parameters_in_place(model, fitting)
+            load_parameters_in_place(model, fitting, trainable=hasattr(model, "peft_config"))
         except ValueError as error:  # checked before any parameter is written
             detail = f"checkpoint {path} does not fit this model: {error}"
             raise CheckpointMismatch(detail) from None

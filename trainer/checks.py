@@ -101,10 +101,15 @@ class ReplayGuard:
                         "accepted for this prompt",
                     )
 
-    def remember(self, submission: Submission, prompt_indices: list[int]) -> None:
+    def remember(
+        self, submission: Submission, prompt_indices: list[int], done: set[int] | None = None
+    ) -> None:
+        """Remember an accepted submission: its lease, and the completions of its prompts that
+        are `done` (all by default; a prompt leased again may be sampled alike)."""
         self._leases.add(submission.lease_id)
         for group, index in zip(submission.groups, prompt_indices, strict=True):
-            self._completions.update(_completion_keys(group.completions, index))
+            if done is None or index in done:
+                self._completions.update(_completion_keys(group.completions, index))
 
 
 def _completion_keys(completions: list[Any], prompt_index: int) -> list[bytes]:

@@ -6,6 +6,9 @@ question, so a resumed run continues exactly where it stopped. Two sources:
   the training stream;
 - `huggingface`: any `datasets.load_dataset` dataset (for example `openai/gsm8k`), shuffled by
   the seed and cycled in epochs; `data.data_files` points at local files for offline use.
+  TRL's formats load as they are: a `prompt` column of text (standard) or of chat messages
+  (conversational, with its own system message), no answer column needed; every other column
+  goes to the reward functions.
 Prompt text comes from `prompt_template`, wrapped in the tokenizer's chat template for
 instruct models or used as is for base models.
 """
@@ -28,11 +31,14 @@ OPERATIONS: dict[str, Callable[[int, int], int]] = {
 }
 
 
+TRL_PROMPT = "prompt"
+
+
 @dataclass(frozen=True)
 class Task:
-    """One question with its gold answer; `columns` go to the reward functions."""
+    """One question (or TRL conversation) with its gold answer; `columns` go to the rewards."""
 
-    question: str
+    question: str | list[dict[str, Any]]
     answer: str
     columns: dict[str, Any] = field(default_factory=dict)
 
@@ -95,25 +101,39 @@ class DatasetTasks:
                 f"it has {sorted(loaded)}"
             )
         self.rows = loaded[config.train_split]
-        for name in (config.question_field, config.answer_field):
-            if name not in self.rows.column_names:
-                raise ValueError(
-                    f"data: dataset {config.path!r} has no column {name!r}; "
-                    f"columns are {self.rows.column_names}"
-                )
+        names = self.rows.column_names
+        # TRL's formats: a `prompt` column of text or of chat messages, no answer column needed.
+        self.question_field = config.question_field
+        if self.question_field not in names and TRL_PROMPT in names:
+            self.question_field = TRL_PROMPT
+        self.answer_field = config.answer_field if config.answer_field in names else None
+        if self.question_field not in names or (
+            self.answer_field is None and self.question_field != TRL_PROMPT
+        ):
+            missing = (
+                config.question_field if self.question_field not in names else config.answer_field
+            )
+            raise ValueError(
+                f"data: dataset {config.path!r} has no column {missing!r} (nor TRL's "
+                f"{TRL_PROMPT!r}); columns are {names}"
+            )
         held = loaded[config.heldout_split]
         self.heldout = [self._task(held[i]) for i in range(min(heldout_size, len(held)))]
 
     def _task(self, row: dict[str, Any]) -> Task:
-        raw = str(row[self.config.answer_field])
+        raw = "" if self.answer_field is None else str(row[self.answer_field])
         if self.config.answer_format == "gsm8k":
             from swarmrl.rewards.math import gsm8k_gold_answer
 
             answer = gsm8k_gold_answer(raw)
         else:
             answer = raw.strip()
-        columns = {k: v for k, v in row.items() if k not in (self.config.answer_field,)}
-        return Task(question=str(row[self.config.question_field]), answer=answer, columns=columns)
+        question = row[self.question_field]
+        if not is_conversation(question):
+            question = str(question)
+        skip = {self.answer_field, TRL_PROMPT if self.question_field == TRL_PROMPT else None}
+        columns = {k: v for k, v in row.items() if k not in skip}
+        return Task(question=question, answer=answer, columns=columns)
 
     def train(self, index: int) -> Task:
         epoch, position = divmod(index, len(self.rows))
@@ -132,8 +152,19 @@ def load_tasks(config: DataConfig, heldout_size: int) -> ArithmeticTasks | Datas
     return DatasetTasks(config, heldout_size)
 
 
-def prompt_text(config: DataConfig, tokenizer: Any, question: str) -> str:
-    """The exact text the model continues: chat template for instruct models, else plain."""
+def is_conversation(value: Any) -> bool:
+    """TRL's conversational format: a list of {"role", "content"} messages."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def prompt_text(config: DataConfig, tokenizer: Any, question: str | list[dict[str, Any]]) -> str:
+    """The exact text the model continues: chat template for instruct models, else plain. A
+    conversation (TRL's format, its own system message included) goes through the chat
+    template as it is."""
+    if is_conversation(question):
+        if tokenizer.chat_template is None:
+            raise ValueError("data: a conversational prompt needs a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
     user = config.prompt_template.format(question=question)
     if not config.use_chat_template:
         return user if config.system_prompt is None else f"{config.system_prompt}\n\n{user}"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from swarmrl.base.config import Config
 from swarmrl.trainer.buffer import ScoredGroup
 from swarmrl.trainer.logprob_check import LogprobMismatch
+from swarmrl.trainer.schedule import learning_rate
 from swarmrl.trainer.step import (
     Sequence,
     accumulate_gradients,
@@ -144,21 +145,25 @@ def train_step_sharded(
     reference: Any | None = None,
     *,
     version: int,
+    old_store: dict[int, list[float]] | None = None,
 ) -> tuple[dict[str, float], list[LogprobMismatch]]:
     """step.py's `train_step` with the batch spread over the ranks; call it on every rank with
     the same `groups` (see `broadcast_batch`). Every rank gets the whole step's stats and the
-    log-prob mismatches found on all ranks."""
+    log-prob mismatches found on all ranks. Each rank keeps its own sequences' `old_store`."""
     sequences = step_sequences(groups, config, version)
     normaliser = step_normaliser(sequences)
     size = config.trainer.micro_batch_size
     chunks = split_micro_batches(sequences, size, rank.rank, rank.world_size)
     work = [chunk for chunk in chunks if chunk]
     model.train()
-    totals, mismatches = accumulate_gradients(model, work, normaliser, config, pad_id, reference)
+    totals, mismatches = accumulate_gradients(
+        model, work, normaliser, config, pad_id, reference, old_store
+    )
     for _ in range(len(chunks) - len(work)):
         idle_pass(model, pad_id, reference)
     totals, mismatches = gather_over_ranks(totals, mismatches)
-    totals["grad_norm"] = apply_gradients(model, optimizer, config)
+    totals["grad_norm"] = apply_gradients(model, optimizer, config, version)
+    totals["learning_rate"] = learning_rate(config.trainer, version)
     model.eval()
     return {**totals, **step_summary(sequences, normaliser)}, mismatches
 

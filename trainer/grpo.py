@@ -11,7 +11,8 @@ workers, whose weights may be a few versions behind the trainer:
 - ``behavior_logprobs``: what the rollout worker that sampled the tokens reported.
 
 The PPO ratio ``exp(logprobs - old_logprobs)`` is clipped as usual; the sampler mismatch is
-corrected by the detached truncated weight ``min(exp(old - behavior), tis_cap)``.
+corrected by a detached weight ``exp(old - behavior)``, truncated or masked outside
+``[clip_min, clip_max]``, per token or per sequence (TRL's ``vllm_importance_sampling_mode``).
 
 Aggregation divides by whole-step counts (``BatchNormaliser``), so summing ``aggregate_loss``
 over the micro-batches of a gradient-accumulation step equals the loss of the whole step.
@@ -19,12 +20,13 @@ over the micro-batches of a gradient-accumulation step equals the loss of the wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import get_args
 
 import torch
 
-from swarmrl.base.config import LossType, ScaleRewards
+from swarmrl.base.config import ImportanceLevel, LossType, SamplerCorrection, ScaleRewards
 
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 _CHUNK_ROWS = 128  # rows of (B*T, V) logits turned into float32 at a time
@@ -69,9 +71,15 @@ def group_advantages(
 class LossConfig:
     loss_type: LossType = "dapo"
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float = 0.2  # upper clip: ratio <= 1 + epsilon_high (TRL: defaults to epsilon)
+    epsilon_high: float = 0.2  # upper clip 1 + epsilon_high; CISPO: the cap itself (TRL)
     beta: float = 0.0  # KL coefficient against a reference model (k3 estimator)
-    tis_cap: float = 2.0  # truncated importance sampling cap for the behaviour-policy correction
+    importance_sampling_level: ImportanceLevel = "token"  # "sequence": GSPO
+    delta: float | None = None  # INTELLECT-2: cap the unclipped ratio at delta
+    sapo_temperature_pos: float = 1.0  # SAPO's gate sharpness for positive advantages
+    sapo_temperature_neg: float = 1.05  # ... and for negative ones
+    sampler_mode: SamplerCorrection = "token_truncate"  # the worker's policy (TRL: vllm_...)
+    sampler_clip_min: float | None = None
+    sampler_clip_max: float | None = 2.0
     max_completion_length: int = 256  # dr_grpo's constant normaliser
 
     def __post_init__(self) -> None:
@@ -79,12 +87,65 @@ class LossConfig:
             raise ValueError(f"unknown loss_type {self.loss_type!r}")
         if not 0.0 <= self.epsilon < 1.0 or self.epsilon_high < 0.0:
             raise ValueError("need 0 <= epsilon < 1 and epsilon_high >= 0")
-        if self.beta < 0.0 or self.tis_cap <= 0.0 or self.max_completion_length < 1:
-            raise ValueError("need beta >= 0, tis_cap > 0 and max_completion_length >= 1")
+        if self.beta < 0.0 or self.max_completion_length < 1:
+            raise ValueError("need beta >= 0 and max_completion_length >= 1")
+        if self.sampler_mode.endswith("truncate") and self.sampler_clip_max is None:
+            raise ValueError(f"{self.sampler_mode} needs a clip_max")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    x = x.expand_as(mask) if x.shape != mask.shape else x
     return ((x * mask).sum() / mask.sum().clamp(min=1.0)).detach()
+
+
+def importance_ratio(
+    logprobs: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, level: ImportanceLevel
+) -> torch.Tensor:
+    """pi/pi_old per token (B, T), or per sequence (B, 1): GSPO's exp(mean log-ratio)."""
+    log_ratio = logprobs - old
+    if level == "token":
+        return torch.exp(log_ratio)
+    mean = (log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return torch.exp(mean).unsqueeze(1)
+
+
+def policy_loss(
+    ratio: torch.Tensor, logprobs: torch.Tensor, adv: torch.Tensor, config: LossConfig
+) -> torch.Tensor:
+    """The surrogate each loss type minimises, per token (broadcast from (B, 1) if need be).
+
+    - PPO-style clip (grpo, dr_grpo, dapo, bnpo): -min(r A, clip(r, 1-eps, 1+eps_high) A), with
+      INTELLECT-2's `delta` capping the unclipped r;
+    - CISPO: -sg(min(r, eps_high)) A log pi (the gradient goes through the log-prob only);
+    - SAPO: -sigmoid(tau (r - 1)) 4 / tau A, tau by the sign of A (a soft, smooth clip).
+    """
+    if config.loss_type == "cispo":
+        return -torch.clamp(ratio, max=config.epsilon_high).detach() * adv * logprobs
+    if config.loss_type == "sapo":
+        tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    clipped = torch.clamp(ratio, 1.0 - config.epsilon, 1.0 + config.epsilon_high)
+    unclipped = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+    return -torch.min(unclipped * adv, clipped * adv)
+
+
+def sampler_weight(
+    old: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, config: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detached weight pi_old / pi_worker that corrects for the worker's (stale) policy,
+    per token (B, T) or per sequence (B, 1, the product over its tokens), truncated to
+    [clip_min, clip_max] or masked (0) outside it; and where it was truncated or masked.
+    A log-prob that is NaN or at padding counts as no mismatch (weight 1), as in TRL."""
+    gap = torch.nan_to_num((old - behavior) * mask, nan=0.0)
+    if config.sampler_mode.startswith("sequence"):
+        gap = gap.sum(dim=1, keepdim=True)
+    raw = torch.exp(gap)
+    low = -math.inf if config.sampler_clip_min is None else config.sampler_clip_min
+    high = math.inf if config.sampler_clip_max is None else config.sampler_clip_max
+    outside = (raw < low) | (raw > high)
+    if config.sampler_mode.endswith("truncate"):
+        return torch.clamp(raw, min=low, max=high), outside
+    return torch.where(outside, 0.0, raw), outside
 
 
 def per_token_loss(
@@ -96,11 +157,9 @@ def per_token_loss(
     config: LossConfig,
     ref_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped-surrogate loss per token (B, T), zero at padding, and detached scalar stats.
+    """The loss per token (B, T), zero at padding, and detached scalar stats.
 
     Gradient flows through ``logprobs`` only; every other tensor is detached here.
-    A behaviour log-prob that is NaN (unavailable) or sits at padding counts as no mismatch
-    (weight 1), as in TRL.
     """
     if config.beta > 0.0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0")
@@ -108,24 +167,20 @@ def per_token_loss(
     old = old_logprobs.detach()
     adv = advantages.detach().to(logprobs.dtype).unsqueeze(1)  # (B, 1)
 
-    ratio = torch.exp(logprobs - old)
-    clipped = torch.clamp(ratio, 1.0 - config.epsilon, 1.0 + config.epsilon_high)
-    loss = -torch.min(ratio * adv, clipped * adv)
-
-    # Truncated importance sampling: trainer's old policy vs the (stale) sampling policy.
-    behavior_gap = torch.nan_to_num((old - behavior_logprobs.detach()) * mask, nan=0.0)
-    raw_weight = torch.exp(behavior_gap)
-    is_weight = torch.clamp(raw_weight, max=config.tis_cap)
-    loss = loss * is_weight
+    ratio = importance_ratio(logprobs, old, mask, config.importance_sampling_level)
+    weight, outside = sampler_weight(old, behavior_logprobs.detach(), mask, config)
+    loss = policy_loss(ratio, logprobs, adv, config) * weight
 
     stats = {
         "clip_ratio_low": _masked_mean(((ratio < 1.0 - config.epsilon) & (adv < 0)).float(), mask),
         "clip_ratio_high": _masked_mean(
             ((ratio > 1.0 + config.epsilon_high) & (adv > 0)).float(), mask
         ),
-        "is_weight_mean": _masked_mean(is_weight, mask),
-        "is_truncated_frac": _masked_mean((raw_weight > config.tis_cap).float(), mask),
-        "behavior_logprob_gap": _masked_mean(behavior_gap.abs(), mask),
+        "is_weight_mean": _masked_mean(weight, mask),
+        "is_truncated_frac": _masked_mean(outside.float(), mask),
+        "behavior_logprob_gap": _masked_mean(
+            torch.nan_to_num((old - behavior_logprobs.detach()).abs(), nan=0.0), mask
+        ),
     }
 
     if config.beta > 0.0 and ref_logprobs is not None:  # None with beta > 0 was rejected above
@@ -151,24 +206,32 @@ def aggregate_loss(
 ) -> torch.Tensor:
     """Scalar loss of one micro-batch, scaled so the micro-batches of a step sum to its loss.
 
-    - "grpo": mean over each sequence's real tokens, summed, / num_sequences of the step.
-    - "bnpo", "dapo": sum over real tokens / num_tokens of the step. In TRL they differ only
-      across processes (bnpo: local tokens, dapo: global tokens); with one trainer process
-      both are the step's token count, so they are the same here. Both names are kept.
+    - "grpo", "sapo": mean over each sequence's real tokens, summed, / num_sequences of the step.
+    - "bnpo", "dapo", "cispo": sum over real tokens / num_tokens of the step. In TRL bnpo and
+      dapo differ only across processes (bnpo: local tokens, dapo: global tokens); with one
+      trainer process both are the step's token count, so they are the same here.
     - "dr_grpo": sum over real tokens / (num_sequences * max_completion_length).
 
     A sequence with no real token contributes zero (never NaN).
     """
     mask = mask.to(token_loss.dtype)
     masked = token_loss * mask
-    if config.loss_type == "grpo":
+    if config.loss_type in ("grpo", "sapo"):
         per_sequence = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return per_sequence.sum() / max(normaliser.num_sequences, 1)
-    if config.loss_type in ("bnpo", "dapo"):
+    if config.loss_type in ("bnpo", "dapo", "cispo"):
         return masked.sum() / max(normaliser.num_tokens, 1)
     if config.loss_type == "dr_grpo":
         return masked.sum() / (max(normaliser.num_sequences, 1) * config.max_completion_length)
     raise ValueError(f"unknown loss_type {config.loss_type!r}")
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -> float:
+    """DAPO's soft overlong punishment (verl `overlong_buffer`): 0 up to max_length - buffer,
+    then falling linearly to -factor at max_length."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_length - buffer)) / buffer * factor, 0.0)
 
 
 def _check_temperature(temperature: float) -> None:

@@ -9,9 +9,12 @@ Pure bookkeeping with the clock passed in, so it is unit-tested without sockets 
 
 Admission (`offer`) decides whether a worker asking for work gets a lease: at most
 `max_open_leases` open per worker, and only as many prompts out (leased or buffered) as can
-still be trained on within the staleness limit (`room`). A worker asking ahead (it holds a
-lease) waits while an idle one was lately refused for lack of room (`WaitingWorkers`), so the
-room a submission frees goes to an idle engine rather than a busy one.
+still be trained on within the staleness limit (`room`). Workers not yet proven honest hold
+one lease at a time and share at most half the room (at least a step's worth), and their
+leases do not count against the room of proven workers: strangers that take leases and never
+submit cannot starve the swarm. A worker asking ahead (it holds a lease) waits while an idle
+one was lately refused for lack of room (`WaitingWorkers`), so the room a submission frees
+goes to an idle engine rather than a busy one.
 
 Every operation a message triggers is O(1) in the number of workers and open leases: counts are
 kept as leases open and close, and since every lease gets the same timeout from a clock that
@@ -29,6 +32,7 @@ from swarmrl.base.config import Config
 from swarmrl.protocol.refusals import Refused
 
 WAITING_WINDOW_S = 2.0  # a refusal older than this: that worker stopped asking
+DEFER_PROMPTS = 32  # fresh prompts leased before a deferred one comes back
 
 
 @dataclass
@@ -39,6 +43,7 @@ class OpenLease:
     seeds: list[int]
     policy_version: int
     deadline: float
+    proven: bool = True  # its worker had been proven honest when it was issued
 
 
 def prompt_id(index: int) -> str:
@@ -60,17 +65,21 @@ class LeaseBook:
         id_prefix: str | None = None,
         max_open_leases: int = 3,
         room: int = 8,
+        newcomer_room: int = 4,
     ) -> None:
         self.seed = seed
         self.lease_timeout_s = lease_timeout_s
         self.max_open_leases = max_open_leases
         self.room = room  # prompts that may be out at once, leased or buffered
+        self.newcomer_room = newcomer_room  # of which leased to workers not yet proven
         self.waiting = WaitingWorkers(WAITING_WINDOW_S)
         self.next_index = 0
         self.requeued: deque[int] = deque()
+        self.deferred: deque[tuple[int, int]] = deque()  # (prompt, when next_index reaches)
         self.open: dict[str, OpenLease] = {}  # in deadline order
         self.by_worker: dict[str, dict[str, OpenLease]] = {}
         self.outstanding = 0  # prompts in open leases
+        self.outstanding_newcomers = 0  # of which leased to workers not yet proven
         self.attempts: dict[int, int] = {}  # only prompts that were re-queued
         self._ids = itertools.count(1)
         # Lease ids differ between trainer restarts, so a pre-restart lease never matches.
@@ -81,11 +90,13 @@ class LeaseBook:
         """Lease only what can still be trained on: the groups of the step in progress are out
         of the buffer, so `max_staleness` more steps' worth is the most that stays fresh."""
         trainer = config.trainer
+        room = trainer.prompts_per_step * max(trainer.max_staleness, 1)
         return cls(
             config.data.seed,
             config.swarm.lease_timeout_s,
             max_open_leases=config.swarm.max_open_leases,
-            room=trainer.prompts_per_step * max(trainer.max_staleness, 1),
+            room=room,
+            newcomer_room=max(trainer.prompts_per_step, room // 2),
         )
 
     def held(self, worker_id: str) -> int:
@@ -93,17 +104,30 @@ class LeaseBook:
         return len(self.by_worker.get(worker_id, ()))
 
     def offer(
-        self, worker_id: str, wanted: int, policy_version: int, buffered: int, now: float
+        self,
+        worker_id: str,
+        wanted: int,
+        policy_version: int,
+        buffered: int,
+        now: float,
+        proven: bool = True,
     ) -> OpenLease | NoRoom:
         """A lease of up to `wanted` prompts, or NoRoom; Refused if the worker holds too many.
 
         `buffered`: groups waiting for the optimizer (they count against the room too: the
-        step in progress has taken its own out already)."""
+        step in progress has taken its own out already). `proven`: the worker's groups have
+        passed the trainer's log-prob check."""
         held = self.held(worker_id)
         if held >= self.max_open_leases:
             detail = f"{held} leases open (at most {self.max_open_leases})"
             raise Refused("too_many_leases", detail)
+        if held and not proven:
+            return NoRoom("a new worker holds one lease at a time until its work is checked")
         room = self.room - self.outstanding - buffered
+        if proven:
+            room += self.outstanding_newcomers
+        else:
+            room = min(room, self.newcomer_room - self.outstanding_newcomers)
         if room <= 0:
             if not held:
                 self.waiting.refused(worker_id, now)
@@ -111,13 +135,17 @@ class LeaseBook:
         if held and self.waiting.others(worker_id, now):
             return NoRoom("an idle worker goes first")
         self.waiting.discard(worker_id)
-        return self.issue(worker_id, min(wanted, room), policy_version, now)
+        return self.issue(worker_id, min(wanted, room), policy_version, now, proven)
 
-    def issue(self, worker_id: str, count: int, policy_version: int, now: float) -> OpenLease:
+    def issue(
+        self, worker_id: str, count: int, policy_version: int, now: float, proven: bool = True
+    ) -> OpenLease:
         indices = []
         while len(indices) < count:
             if self.requeued:
                 indices.append(self.requeued.popleft())
+            elif self.deferred and self.deferred[0][1] <= self.next_index:
+                indices.append(self.deferred.popleft()[0])
             else:
                 indices.append(self.next_index)
                 self.next_index += 1
@@ -129,10 +157,13 @@ class LeaseBook:
             seeds=seeds,
             policy_version=policy_version,
             deadline=now + self.lease_timeout_s,
+            proven=proven,
         )
         self.open[lease.lease_id] = lease
         self.by_worker.setdefault(worker_id, {})[lease.lease_id] = lease
         self.outstanding += count
+        if not proven:
+            self.outstanding_newcomers += count
         return lease
 
     def _seed(self, index: int) -> int:
@@ -160,6 +191,16 @@ class LeaseBook:
         if not held:
             del self.by_worker[lease.worker_id]
         self.outstanding -= len(lease.prompt_indices)
+        if not lease.proven:
+            self.outstanding_newcomers -= len(lease.prompt_indices)
+
+    def defer(self, indices: list[int]) -> None:
+        """Lease these prompts again, but only after `DEFER_PROMPTS` fresh ones: a group with
+        no reward spread from a worker not yet proven honest proves nothing, and handing the
+        same prompts straight back would keep that worker on them."""
+        for index in indices:
+            self.deferred.append((index, self.next_index + DEFER_PROMPTS))
+            self.attempts[index] = self.attempts.get(index, 0) + 1
 
     def requeue(self, indices: list[int]) -> None:
         """Put prompts back at the front of the stream (rejected or stale results)."""
@@ -191,17 +232,18 @@ class LeaseBook:
             attempts[index] = attempts.get(index, 0) + 1
         return {
             "next_index": self.next_index,
-            "requeued": pending + list(self.requeued),
+            "requeued": pending + list(self.requeued) + [i for i, _ in self.deferred],
             "attempts": {str(k): v for k, v in attempts.items()},
         }
 
     def restore(self, state: dict) -> None:
         self.next_index = int(state["next_index"])
         self.requeued = deque(int(i) for i in state["requeued"])
+        self.deferred.clear()
         self.attempts = {int(k): int(v) for k, v in state["attempts"].items()}
         self.open.clear()
         self.by_worker.clear()
-        self.outstanding = 0
+        self.outstanding = self.outstanding_newcomers = 0
 
 
 class WaitingWorkers:

@@ -1,4 +1,4 @@
-"""What one connection may send the trainer: how many messages per second, and how big.
+"""What a connection may send the trainer: how many messages per second, and how big.
 
 The server reads every worker through one ROUTER socket, which libzmq drains fairly (one
 message per connection with something queued, in turn), so a flooding connection can only
@@ -7,6 +7,11 @@ small and flat: a message over its connection's rate (a token bucket) or over th
 honest message can have is refused before it is decoded. ZeroMQ's `MAXMSGSIZE`
 (`swarm.max_message_mb`) drops a connection that sends a bigger frame still; the schema
 (protocol/messages.py) bounds every string and list of what is decoded.
+
+Connections that never said hello (strangers: identities cost nothing to make) share one
+budget: a message from one is dropped unread and unanswered when it is bigger than a hello
+or the budget is spent, so what strangers make the trainer do is O(1) per frame. Hellos are
+budgeted per address too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from swarmrl.protocol.refusals import Refused
 
 # Hello, work requests, heartbeats and byes are a few hundred bytes: anything above this must
 # be a submission, and is read only from a worker that holds a lease to submit.
+HELLO_BYTES = 4096  # the most a stranger's message may be: only a hello is read from one
+STRANGER_RATE, STRANGER_BURST = 200.0, 400  # messages per second from all strangers together
+HELLO_RATE, HELLO_BURST = 1.0, 10  # hellos per second from one address
 SMALL_MESSAGE_BYTES = 64 * 2**10
 # msgpack: a token id takes at most 5 bytes, a float64 log-prob 9, per-completion fields and
 # keys about 100, per-group and per-message about 200 and 1000.
@@ -75,7 +83,22 @@ class Gate:
     def __init__(self, config: Config, tokenizer: Any) -> None:
         swarm = config.swarm
         self.limiter = RateLimiter(swarm.rate_limit_per_s, swarm.rate_limit_burst)
+        self.strangers = TokenBucket(STRANGER_RATE, STRANGER_BURST, now=0.0)
+        self.hellos = RateLimiter(HELLO_RATE, HELLO_BURST)  # keyed by address
         self.max_message_bytes = largest_submission_bytes(config, tokenizer)
+
+    def read_stranger(self, size: int, now: float) -> bool:
+        """Whether to read a message from a connection that has not said hello (else drop it)."""
+        return size <= HELLO_BYTES and self.strangers.take(now)
+
+    def hello_refusal(self, address: str, now: float) -> Refused | None:
+        if self.hellos.allow(address.encode(), now):
+            return None
+        return Refused("rate_limited", f"more than {HELLO_BURST} hellos from {address} at once")
+
+    def forget_idle(self, now: float) -> None:
+        self.limiter.forget_idle(now)
+        self.hellos.forget_idle(now)
 
     def refusal(self, identity: bytes, size: int, may_submit: bool, now: float) -> Refused | None:
         """Why to refuse the message unread, or None to read it.

@@ -63,18 +63,22 @@ def train(
                 break
             if batch is None:
                 continue
-            step_started = time.monotonic()
-            stats, mismatches = ranks.step(run, batch)
-            run.step += 1
-            weights = ranks.full_weights(run.model)
-            swarm.after_step(run, stats, mismatches, batch, weights, step_started)
-            if run.checkpoint_due():
-                run.save(swarm.lease_state(), weights)
+            # num_iterations > 1: the ratio's base over the batch's iterations
+            old: dict[int, list[float]] | None = {} if trainer.num_iterations > 1 else None
+            for iteration in range(min(trainer.num_iterations, trainer.max_steps - run.step)):
+                step_started = time.monotonic()
+                stats, mismatches = ranks.step(run, batch, old)
+                run.step += 1  # every iteration is a version the workers are sent
+                weights = ranks.full_weights(run.model)
+                charged = mismatches if iteration == 0 else []  # the same sequences again
+                swarm.after_step(run, stats, charged, batch, weights, step_started)
+                if run.checkpoint_due():
+                    run.save(swarm.lease_state(), weights)
         if not stop:
             swarm.hand_over(config.swarm.hand_over_s)
     finally:
         stop.restore()
-        workers = swarm.stop()
+        workers = swarm.stop(run)
     interrupted = ranks.agree(bool(stop))
     if interrupted:
         log.warning("stopped by Ctrl-C at step %d", run.step)

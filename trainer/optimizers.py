@@ -14,6 +14,7 @@ chosen codec, a keyframe, and the fingerprint of the weights a worker holds afte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def make_optimizer(model: Any, trainer: TrainerConfig) -> torch.optim.Optimizer:
             settings=settings,
         )
     return torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],  # the adapters alone, with LoRA
         lr=trainer.learning_rate,
         weight_decay=trainer.weight_decay,
         betas=(trainer.adam_beta1, trainer.adam_beta2),
@@ -86,16 +87,28 @@ def make_optimizer(model: Any, trainer: TrainerConfig) -> torch.optim.Optimizer:
 class Publication:
     """What the workers are sent for each version, in the run's codec (protocol/codecs)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, codec: WeightCodec) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        codec: WeightCodec,
+        keyframe_interval: int = 1,
+        keyframe_due: Callable[[int], bool] | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.codec = codec
+        self.keyframe_interval = keyframe_interval  # versions between keyframes (with deltas)
+        self.keyframe_due = keyframe_due or (lambda version: False)
         self.previous: dict[str, torch.Tensor] | None = None  # if the codec diffs versions
+        self.last_keyframe = -(10**9)
 
     def published(
         self, version: int, weights: dict[str, torch.Tensor], after_step: bool = True
     ) -> Published:
         """Version `version`: `weights` are every trainable tensor, whole (gathered if sharded);
-        `after_step` False for the first one (no delta)."""
+        `after_step` False for the first one (no delta). A keyframe (the whole weights as
+        bytes: the biggest thing a trainer holds) is made only for a version that needs one:
+        the first, every one the codec sends no delta for, every `keyframe_interval`-th, and
+        those `keyframe_due` names."""
         current = self.codec.publishable(weights)
         delta = None
         if after_step:
@@ -103,4 +116,11 @@ class Publication:
             delta = None if payload is None else Delta(self.codec.name, payload)
         if self.codec.keeps_previous:
             self.previous = current
-        return Published(version, weights_fingerprint(current), encode_full(current), delta)
+        keyframe = None
+        if (
+            delta is None
+            or version - self.last_keyframe >= self.keyframe_interval
+            or self.keyframe_due(version)
+        ):
+            keyframe, self.last_keyframe = encode_full(current), version
+        return Published(version, weights_fingerprint(current), keyframe, delta)

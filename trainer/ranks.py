@@ -40,6 +40,11 @@ def make_ranks(config: Config) -> SingleProcess | ShardedRanks:
         from swarmrl.base.models import pick_device
 
         return SingleProcess(pick_device(config.model.device))
+    if config.model.use_peft:
+        raise ConfigError(
+            "model.use_peft: LoRA runs in one process only for now (the frozen base as the "
+            "reference and the adapters' publication are not sharded); drop torchrun"
+        )
     if config.trainer.optimizer == "demo":
         raise ConfigError(
             "trainer.optimizer: 'demo' runs in one process only (its DCT blocks need whole "
@@ -61,11 +66,15 @@ class SingleProcess:
     def prepare(self, model: Any, reference: Any | None) -> None:
         """Nothing to shard."""
 
-    def step(self, run: TrainingRun, batch: list[ScoredGroup]) -> StepResult:
-        """One optimizer step on `batch` with the weights of version `run.step`."""
+    def step(
+        self, run: TrainingRun, batch: list[ScoredGroup], old: dict[int, list[float]] | None
+    ) -> StepResult:
+        """One optimizer step on `batch` with the weights of version `run.step`; `old`: the
+        batch's first-iteration log-probs (num_iterations > 1), filled on its first step."""
         return train_step(
-            run.model, run.optimizer, batch, run.config, run.pad_id, run.reference, version=run.step
-        )
+            run.model, run.optimizer, batch, run.config, run.pad_id, run.reference,
+            version=run.step, old_store=old,
+        )  # fmt: skip
 
     def share_batch(
         self, batch: list[ScoredGroup] | None, stop: bool
@@ -103,17 +112,13 @@ class ShardedRanks:
         if reference is not None:
             distributed.shard_model(reference)
 
-    def step(self, run: TrainingRun, batch: list[ScoredGroup]) -> StepResult:
+    def step(
+        self, run: TrainingRun, batch: list[ScoredGroup], old: dict[int, list[float]] | None
+    ) -> StepResult:
         return distributed.train_step_sharded(
-            run.model,
-            run.optimizer,
-            batch,
-            run.config,
-            run.pad_id,
-            self.place,
-            run.reference,
-            version=run.step,
-        )
+            run.model, run.optimizer, batch, run.config, run.pad_id, self.place, run.reference,
+            version=run.step, old_store=old,
+        )  # fmt: skip
 
     def share_batch(
         self, batch: list[ScoredGroup] | None, stop: bool

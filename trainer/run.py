@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from swarmrl.base.adapters import AdaptersOff, add_adapters
 from swarmrl.base.config import Config
 from swarmrl.base.logs import MetricsWriter
 from swarmrl.base.models import load_model, load_tokenizer
@@ -58,7 +59,10 @@ class TrainingRun:
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         reference = None
-        if config.trainer.beta > 0:
+        if config.model.use_peft:
+            model = add_adapters(model, config.model)
+            reference = AdaptersOff(model) if config.trainer.beta > 0 else None
+        elif config.trainer.beta > 0:
             reference = load_model(config.model.name, dtype=config.model.dtype, device=ranks.device)
             reference.requires_grad_(False)
         ranks.prepare(model, reference)
@@ -78,7 +82,8 @@ class TrainingRun:
         if ranks.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.toml").write_text(to_toml(config))
-            run.metrics = MetricsWriter(folder, config.logging.tensorboard)
+            settings = config.model_dump(mode="json")
+            run.metrics = MetricsWriter(folder, config.logging.report_to, settings)
         return run
 
     @property

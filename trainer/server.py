@@ -1,6 +1,6 @@
 """The trainer's network side: one thread that owns the ZeroMQ ROUTER and talks to every worker.
 
-It answers hello with the run spec (`run_spec`), sends newer weights to a worker before its
+It answers hello with the run spec (run_spec.py), sends newer weights to a worker before its
 next lease, leases prompts (the lease book decides: leases.LeaseBook.offer), hands submissions
 to the intake (checks, scoring) and puts scored groups in the buffer the training thread
 reads. It never waits for a worker: a silent worker's leases expire and are leased again.
@@ -28,8 +28,17 @@ from swarmrl.base.config import Config
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.framing import ProtocolError, decode
 from swarmrl.protocol.refusals import Refused
-from swarmrl.protocol.transport import bound_endpoint, make_router, recv_from, send_to
+from swarmrl.protocol.transport import (
+    bound_endpoint,
+    make_router,
+    peer_address,
+    peer_key,
+    recv_from,
+    send_to,
+)
 from swarmrl.trainer.buffer import GroupBuffer, ScoredGroup
+from swarmrl.trainer.contributions import ContributionLedger
+from swarmrl.trainer.egress import Egress
 from swarmrl.trainer.intake import Intake
 from swarmrl.trainer.leases import LeaseBook, NoRoom, prompt_id
 from swarmrl.trainer.ledger import Ledger, WorkerRecord
@@ -37,34 +46,14 @@ from swarmrl.trainer.limits import Gate
 from swarmrl.trainer.logprob_check import LogprobMismatch
 from swarmrl.trainer.publish import WeightPublisher
 from swarmrl.trainer.roster import Roster
+from swarmrl.trainer.run_spec import run_spec
 
 log = logging.getLogger("trainer")
 
 QUARANTINED = "this worker sent too many results that failed the trainer's checks"
 NO_WORK_RETRY_S = 0.5
+KEYFRAME_RETRY_S = 2.0  # a new worker whose keyframe must wait for the budget
 Screen = Callable[[list[ScoredGroup]], list[LogprobMismatch]]
-
-
-def run_spec(config: Config, run_id: str, worker_id: str, version: int) -> m.RunSpec:
-    """What a worker is told to run: the model, how to sample, the group size, the clock."""
-    sampling, swarm = config.sampling, config.swarm
-    return m.RunSpec(
-        run_id=run_id,
-        worker_id=worker_id,
-        model=config.model.name,
-        dtype=config.model.dtype,
-        sampling=m.SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_completion_length,
-            stop=sampling.stop,
-        ),
-        num_generations=sampling.num_generations,
-        heartbeat_interval_s=swarm.heartbeat_interval_s,
-        heartbeat_timeout_s=swarm.heartbeat_timeout_s,
-        weights_version=version,
-    )
 
 
 class SwarmServer:
@@ -77,19 +66,11 @@ class SwarmServer:
         leases: LeaseBook,
         weights: WeightPublisher,
         run_id: str,
+        contributions: ContributionLedger | None = None,
     ) -> None:
         import zmq
 
-        self.config = config
-        self.intake = Intake(config, tokenizer, tasks, reward_functions)
-        self.leases = leases
-        self.buffer = GroupBuffer()
-        self.run_id = run_id
-        self.ledger = Ledger(config.swarm)  # every worker ever seen, by worker id
-        self.roster = Roster(self.ledger, leases, self.buffer)  # the connected ones
-        self.weights = weights
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        # The socket first: a closed swarm's missing or bad key file fails before anything else.
         self._context = zmq.Context()
         swarm = config.swarm
         self._socket = make_router(
@@ -100,6 +81,25 @@ class SwarmServer:
             trainer_key=swarm.trainer_key,
         )
         self.endpoint = bound_endpoint(self._socket)
+        self.config = config
+        self.leases = leases
+        self.buffer = GroupBuffer()
+        self.run_id = run_id
+        self.ledger = Ledger(config.swarm)  # every worker ever seen, by worker id
+        self.contributions = contributions  # every verdict, hash-chained (contributions.py)
+        self.intake = Intake(config, tokenizer, tasks, reward_functions)
+        self.intake.connect(leases, self.buffer, self.ledger, contributions)
+        self.roster = Roster(  # the connected ones
+            self.ledger,
+            leases,
+            self.buffer,
+            config.swarm.max_new_workers_per_address,
+            contributions,
+        )
+        self.egress = Egress(weights, config.swarm.heartbeat_timeout_s)  # what weights go out
+        self.weights = weights
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self.gate = Gate(config, tokenizer)
         self.finishing = False  # the last step is done: weights still go out, leases do not
         self._thread = threading.Thread(target=self._serve, name="swarm-server", daemon=True)
@@ -133,46 +133,70 @@ class SwarmServer:
         again, their workers charged), the rest go back to the buffer and the answer is None. A
         worker whose groups all passed is proven; its later groups go straight to the step
         (which checks them again anyway). So a stream of new forgers costs the trainer a forward
-        pass each, not a step's slots."""
+        pass each, not a step's slots. While there are too few groups for a step, the buffered
+        ones of new workers are checked meanwhile (`_screen_while_waiting`)."""
         trainer = self.config.trainer
         batch, stale = self.buffer.take(
-            trainer.prompts_per_step, self.version, trainer.max_staleness, timeout_s
-        )
+            trainer.prompts_per_step, self.version, trainer.max_staleness, timeout_s,
+            minimum=1 if self.starved else None,
+        )  # fmt: skip
         if stale:
             with self._lock:
                 self.leases.requeue([group.prompt_index for group in stale])
             log.info(
                 "%d groups went stale in the buffer; their prompts are leased again", len(stale)
             )
-        if batch is None or screen is None:
+        if screen is None:
             return batch
-        newcomers = [g for g in batch if not self.ledger.records[g.worker_id].proven]
+        if batch is None:
+            self._screen_while_waiting(screen)
+            return None
+        newcomers = self.roster.newcomers(batch)
         if not newcomers:
             return batch
-        failed = screen(newcomers)
-        bad = {(f.worker_id, f.prompt_index) for f in failed}
+        failed = screen(newcomers)  # a forward pass: not under the lock
         with self._lock:
-            for worker_id in {g.worker_id for g in newcomers} - {f.worker_id for f in failed}:
-                self.ledger.records[worker_id].proven = True
-            if not failed:
-                return batch
-            refused = [g for g in batch if (g.worker_id, g.prompt_index) in bad]
-            log.info(
-                "screened %d groups from new workers: %d failed the log-prob check; refused",
-                len(newcomers),
-                len(refused),
-            )
-            # Back first: a worker the charge quarantines then loses its kept groups too, as
-            # every quarantine takes its buffered groups.
-            self.buffer.put_back([g for g in batch if (g.worker_id, g.prompt_index) not in bad])
-            self.leases.requeue([g.prompt_index for g in refused])
-            self.roster.charge_mismatches(failed)
-        return None
+            return self.roster.screened(batch, newcomers, failed)
 
-    def report_logprob_mismatches(self, mismatches: list[LogprobMismatch]) -> None:
-        """Charge the workers whose sequences the training step masked out of the loss."""
+    def _screen_while_waiting(self, screen: Screen) -> None:
+        """While the step waits for groups, check the buffered ones of new workers, and their
+        kept groups without a spread: a worker is then proven (and gets a proven worker's room
+        for leases) after its first groups, not at the first step that takes them, and its
+        groups without a spread are credited. Failing groups are refused as at a step."""
         with self._lock:
-            self.roster.charge_mismatches(mismatches)
+            waiting = self.buffer.take_where(self.roster.is_newcomer)
+            idle = self.intake.take_unchecked()  # their groups without a spread, uncredited
+        if not waiting and not idle:
+            return
+        failed = screen(waiting + idle)  # a forward pass: not under the lock
+        in_buffer = {(g.worker_id, g.prompt_index) for g in waiting}
+        failed_idle = [f for f in failed if (f.worker_id, f.prompt_index) not in in_buffer]
+        failing = {f.worker_id for f in failed_idle}  # never proven by their other groups
+        checked = [g for g in waiting + idle if g.worker_id not in failing]
+        with self._lock:
+            passed = self.roster.screened(
+                waiting, checked, [f for f in failed if f not in failed_idle]
+            )
+            if passed is not None:
+                self.buffer.put_back(passed)
+            self.roster.charge_mismatches(failed_idle, credited=False)
+            self.intake.credit(idle, {f.worker_id for f in failed})
+
+    @property
+    def starved(self) -> bool:
+        """Rewards saturate: `max_num_gen_batches` steps' worth of groups were scored since
+        the last step with too few of them having a spread. Then a step takes what there is
+        (verl caps the same search with max_num_gen_batches, and gives up)."""
+        cap = self.config.trainer.max_num_gen_batches
+        return cap > 0 and self.intake.groups_scored >= cap * self.config.trainer.prompts_per_step
+
+    def report_logprob_mismatches(
+        self, mismatches: list[LogprobMismatch], trained: list[ScoredGroup]
+    ) -> None:
+        """Charge the workers whose sequences the training step masked out of the loss; the
+        others whose groups it `trained` passed its check, so they are proven honest."""
+        with self._lock:
+            self.roster.screened(trained, trained, mismatches, refuse=False)
 
     def finish(self) -> None:
         """Stop leasing: the run has trained its last step. Workers are still sent the weights
@@ -185,6 +209,11 @@ class SwarmServer:
         with self._lock:
             version = self.version
             return self.roster.behind(version)
+
+    def spread_counts(self) -> tuple[int, int]:
+        """(groups scored since the last step, how many of them had no reward spread)."""
+        with self._lock:
+            return self.intake.groups_scored, self.intake.groups_without_spread
 
     def take_rewards(self) -> list[float]:
         """Rewards of every sample scored since the last call."""
@@ -206,11 +235,16 @@ class SwarmServer:
     # ---- the network thread --------------------------------------------------------------
 
     def _serve(self) -> None:
+        """Read one message at a time; check silence and deadlines on a clock (every
+        `interval`), however busy the socket. If this thread itself was held up (the process
+        starved it), the check waits one more interval, so the heartbeats that queued up
+        meanwhile are read before anyone is declared silent."""
         interval = min(self.config.swarm.heartbeat_interval_s, 0.5)
-        next_check = 0.0
+        next_check = last_turn = time.monotonic()
         while not self._stop.is_set():
-            received = recv_from(self._socket, timeout_s=interval)
+            received = recv_from(self._socket, timeout_s=max(0.0, next_check - time.monotonic()))
             now = time.monotonic()
+            stalled, last_turn = now - last_turn > 2 * interval, now
             with self._lock:
                 if received is not None:
                     identity, frames = received
@@ -219,26 +253,35 @@ class SwarmServer:
                     except Exception:  # one bad message must not take the swarm down
                         log.exception("error handling a message from %s", identity.hex()[:8])
                         self._refuse(identity, None, Refused("internal", "the trainer failed"))
-                # Only judge silence once every queued message has been read: after a slow
-                # step, waiting heartbeats must count before anyone is declared gone.
-                if now >= next_check and not self._socket.poll(0):
+                if stalled:
+                    next_check = now + interval
+                elif now >= next_check:
                     self._expire(now)
                     next_check = now + interval
 
-    def _send(self, identity: bytes, message: Any, blobs: tuple = ()) -> None:
-        send_to(self._socket, identity, message, blobs)
+    def _send(self, identity: bytes, message: Any) -> None:
+        send_to(self._socket, identity, message)
+
+    def _send_weights(self, identity: bytes, worker: WorkerRecord, updates: list) -> None:
+        """Tracked: the payloads' memory is pinned until libzmq lets go of them (Egress)."""
+        for update, payload in updates:
+            tracker = send_to(self._socket, identity, update, payload, track=True)
+            self.egress.sent(identity, worker, update, tracker)
 
     def _refuse(self, identity: bytes, lease_id: str | None, refusal: Refused) -> None:
         detail = refusal.detail[: m.MAX_REASON_CHARS]
         self._send(identity, m.Reject(lease_id=lease_id, reason=refusal.reason, detail=detail))
 
     def _receive(self, identity: bytes, frames: list, now: float) -> None:
-        """Refuse what costs nothing to refuse before decoding; handle the rest."""
+        """Refuse what costs nothing to refuse before decoding; handle the rest. A connection
+        that has not said hello is read only within the strangers' budget, else ignored."""
         worker = self.roster.get(identity)
+        size = sum(len(frame) for frame in frames)
+        if worker is None and not self.gate.read_stranger(size, now):
+            return
         may_submit = (
             worker is not None and not worker.quarantined and self.leases.held(worker.worker_id)
         )
-        size = sum(len(frame) for frame in frames)
         refusal = self.gate.refusal(identity, size, bool(may_submit), now)
         if refusal is None:
             self._handle(identity, frames, now)
@@ -258,7 +301,7 @@ class SwarmServer:
             self._refuse(identity, None, error)
             return
         if isinstance(message, m.Hello):
-            self._hello(identity, message, now)
+            self._hello(identity, message, peer_address(frames[0]), peer_key(frames[0]), now)
             return
         if worker is None:
             self._refuse(identity, None, Refused("unknown_worker", "send hello first"))
@@ -272,40 +315,49 @@ class SwarmServer:
         elif isinstance(message, m.Submission):
             self._submission(identity, worker, message, now)
         elif isinstance(message, m.Heartbeat):
-            worker.weights_version = message.weights_version
+            worker.weights_version = min(message.weights_version, self.version)
             self._send(identity, m.Heartbeat(sent_at=time.time(), weights_version=self.version))
         elif isinstance(message, m.Bye):
             self.roster.drop(identity, f"said bye ({message.reason})")
+            self.egress.leave(identity)
         else:
             self.roster.charge(worker, "unexpected")
             detail = f"a worker does not send {message.type}"
             self._refuse(identity, None, Refused("unexpected", detail))
 
-    def _hello(self, identity: bytes, hello: m.Hello, now: float) -> None:
+    def _hello(self, identity: bytes, hello: m.Hello, address: str, key: str, now: float) -> None:
         if hello.protocol_version != m.PROTOCOL_VERSION:
             detail = (
                 f"trainer speaks protocol {m.PROTOCOL_VERSION}, worker {hello.protocol_version}"
             )
             self._refuse(identity, None, Refused("bad_version", detail))
             return
-        record = self.roster.join(identity, hello, now)
+        refusal = None if self.roster.get(identity) else self.gate.hello_refusal(address, now)
+        try:
+            if refusal is not None:
+                raise refusal
+            record = self.roster.join(identity, hello, now, address, key)
+        except Refused as refusal:
+            self._refuse(identity, None, refusal)
+            return
+        self.egress.join(identity, address)
         self._send(identity, run_spec(self.config, self.run_id, record.worker_id, self.version))
 
     def _work(
         self, identity: bytes, worker: WorkerRecord, request: m.WorkRequest, now: float
     ) -> None:
-        worker.weights_version = start = request.weights_version
-        in_flight = now - worker.sent_at < self.config.swarm.heartbeat_timeout_s
-        if 0 <= start < worker.sent_version and in_flight:
-            start = worker.sent_version  # it asked before the chain it was sent arrived
-        updates = self.weights.catch_up(start)
-        if updates:  # the worker asks again once it holds the current weights
-            for update, payload in updates:
-                self._send(identity, update, payload)
-            worker.sent_version, worker.sent_at = updates[-1][0].version, now
+        if request.weights_version > self.version:
+            self.roster.charge(worker, "future_version")
+            detail = f"claims version {request.weights_version}; the trainer is at {self.version}"
+            self._refuse(identity, None, Refused("future_version", detail))
             return
-        if start != request.weights_version:
-            return  # the chain on its way answers this request too: the worker asks again after
+        answer = self.egress.weights_for(identity, worker, request.weights_version, now)
+        if isinstance(answer, str):
+            self._send(identity, m.NoWork(reason=answer, retry_after_s=KEYFRAME_RETRY_S))
+            return
+        if answer is not None:  # weights first (the worker asks again once it holds them), or
+            self._send_weights(identity, worker, answer)  # nothing while they are on the way
+            return
         if self.finishing:
             self._send(identity, m.NoWork(reason="the run is over", retry_after_s=NO_WORK_RETRY_S))
             return
@@ -314,7 +366,12 @@ class SwarmServer:
             # The version catch_up found current: a publish since then must not move this
             # lease past the weights the worker holds.
             lease = self.leases.offer(
-                worker.worker_id, wanted, request.weights_version, len(self.buffer), now
+                worker.worker_id,
+                wanted,
+                request.weights_version,
+                len(self.buffer),
+                now,
+                worker.proven,
             )
         except Refused as refusal:
             self.roster.charge(worker, refusal.reason)
@@ -327,12 +384,8 @@ class SwarmServer:
             m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self.intake.prompt(i)[1], seed=seed)
             for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)
         ]
-        log.debug(
-            "lease %s (%s) leased to %s",
-            lease.lease_id,
-            ",".join(p.prompt_id for p in prompts),
-            worker.worker_id,
-        )
+        leased = ",".join(p.prompt_id for p in prompts)
+        log.debug("lease %s (%s) leased to %s", lease.lease_id, leased, worker.worker_id)
         self._send(
             identity,
             m.Lease(
@@ -347,57 +400,33 @@ class SwarmServer:
     def _submission(
         self, identity: bytes, worker: WorkerRecord, sub: m.Submission, now: float
     ) -> None:
-        samples = sum(len(group.completions) for group in sub.groups)
         try:
-            self.intake.replays.check_lease(sub.lease_id)
-            lease = self.leases.close(sub.lease_id, worker.worker_id, now)
+            self.intake.settle(sub, worker, self.version, now)
         except Refused as refusal:
+            samples = sum(len(group.completions) for group in sub.groups)
             self._reject(identity, worker, sub.lease_id, samples, refusal)
             return
-        try:
-            groups = self.intake.admit(sub, lease, self.version, worker.worker_id)
-        except Refused as refusal:
-            self.leases.requeue(lease.prompt_indices)
-            self._reject(identity, worker, sub.lease_id, samples, refusal)
-            return
-        except Exception:
-            self.leases.requeue(lease.prompt_indices)  # the lease is closed: keep its prompts
-            raise
-        useful = [group for group in groups if group.has_signal()]
-        for group in useful:
-            self.buffer.put(group)
-        self.ledger.accept(worker, samples, sub.generation_seconds)
         self._send(identity, m.Accept(lease_id=sub.lease_id))
-        log.debug(
-            "lease %s (%s) accepted from %s: %d samples, %d/%d groups with reward spread",
-            sub.lease_id,
-            ",".join(g.prompt_id for g in sub.groups),
-            worker.worker_id,
-            samples,
-            len(useful),
-            len(groups),
-        )
 
     def _reject(
         self, identity: bytes, worker: WorkerRecord, lease_id: str, samples: int, refusal: Refused
     ) -> None:
-        log.warning(
-            "%s: lease %s rejected: %s (%s)",
-            worker.worker_id,
-            lease_id,
-            refusal.reason,
-            refusal.detail,
-        )
+        log.warning("%s: lease %s rejected: %s", worker.worker_id, lease_id, refusal)
+        if self.contributions is not None:
+            self.contributions.record(
+                "rejected", worker.worker_id, key=worker.key, lease=lease_id,
+                reason=refusal.reason, samples=samples,
+            )  # fmt: skip
         self.roster.charge(worker, refusal.reason, samples)
         self._refuse(identity, lease_id, refusal)
 
     def _expire(self, now: float) -> None:
-        self.roster.drop_silent(now, self.config.swarm.heartbeat_timeout_s)
-        self.gate.limiter.forget_idle(now)
+        for identity in self.roster.drop_silent(now, self.config.swarm.heartbeat_timeout_s):
+            self.egress.leave(identity)
+        self.gate.forget_idle(now)
+        self.egress.forget_idle(now)
         for lease in self.leases.expire_due(now):
+            count, owner = len(lease.prompt_indices), lease.worker_id
             log.info(
-                "lease %s of %s expired; %d prompts leased again",
-                lease.lease_id,
-                lease.worker_id,
-                len(lease.prompt_indices),
+                "lease %s of %s expired; %d prompts leased again", lease.lease_id, owner, count
             )

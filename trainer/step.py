@@ -28,6 +28,7 @@ from swarmrl.trainer.grpo import (
     sequence_logprobs_from_logits,
 )
 from swarmrl.trainer.logprob_check import LogprobBand, LogprobMismatch, logprob_verdict
+from swarmrl.trainer.schedule import learning_rate, set_learning_rate
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,9 @@ class Sequence:
     worker_id: str = ""
     prompt_index: int = -1
     lag: int = 0  # trainer version minus the version it was sampled with
+    truncated: bool = False  # cut off at max_completion_length
+    masked: bool = False  # no loss (mask_truncated_completions)
+    position: int = -1  # in the step's length-sorted order: keys its log-probs across iterations
 
 
 def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Sequence]:
@@ -50,9 +54,13 @@ def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Seq
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
     group_size = config.sampling.num_generations
     advantages = group_advantages(rewards, group_size, config.trainer.scale_rewards).tolist()
+    mask_truncated = config.trainer.mask_truncated_completions
     sequences, k = [], 0
     for group in groups:
-        for ids, logprobs in zip(group.completion_token_ids, group.behavior_logprobs, strict=True):
+        truncated = group.truncated or [False] * len(group.rewards)
+        for ids, logprobs, cut in zip(
+            group.completion_token_ids, group.behavior_logprobs, truncated, strict=True
+        ):
             sequences.append(
                 Sequence(
                     group.prompt_token_ids,
@@ -62,6 +70,8 @@ def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Seq
                     group.worker_id,
                     group.prompt_index,
                     version - group.policy_version,
+                    truncated=cut,
+                    masked=cut and mask_truncated,
                 )
             )
             k += 1
@@ -75,7 +85,13 @@ def loss_config(config: Config) -> LossConfig:
         epsilon=trainer.epsilon,
         epsilon_high=trainer.clip_high,
         beta=trainer.beta,
-        tis_cap=trainer.tis_cap,
+        importance_sampling_level=trainer.importance_sampling_level,
+        delta=trainer.delta,
+        sapo_temperature_pos=trainer.sapo_temperature_pos,
+        sapo_temperature_neg=trainer.sapo_temperature_neg,
+        sampler_mode=trainer.vllm_importance_sampling_mode,
+        sampler_clip_min=trainer.vllm_importance_sampling_clip_min,
+        sampler_clip_max=trainer.vllm_importance_sampling_clip_max,
         max_completion_length=config.sampling.max_completion_length,
     )
 
@@ -91,7 +107,7 @@ def pad_batch(sequences: list[Sequence], pad_id: int, device: Any) -> dict[str, 
         left, right = prompt_width - len(s.prompt), completion_width - len(s.completion)
         ids.append([pad_id] * left + s.prompt + s.completion + [pad_id] * right)
         attention.append([0] * left + [1] * (len(s.prompt) + len(s.completion)) + [0] * right)
-        mask.append([1.0] * len(s.completion) + [0.0] * right)
+        mask.append([0.0 if s.masked else 1.0] * len(s.completion) + [0.0] * right)
         behavior.append(s.behavior_logprobs + [0.0] * right)
     attention_mask = torch.tensor(attention, device=device)
     return {
@@ -131,29 +147,38 @@ def train_step(
     reference: Any | None = None,
     *,
     version: int,
+    old_store: dict[int, list[float]] | None = None,
 ) -> tuple[dict[str, float], list[LogprobMismatch]]:
     """One step with the weights of `version`; returns its stats and the sequences that failed
-    the log-prob check (masked out of the loss)."""
+    the log-prob check (masked out of the loss). `old_store`: see accumulate_gradients."""
     sequences = step_sequences(groups, config, version)
     normaliser = step_normaliser(sequences)
     size = config.trainer.micro_batch_size
     chunks = [sequences[start : start + size] for start in range(0, len(sequences), size)]
     model.train()
-    totals, mismatches = accumulate_gradients(model, chunks, normaliser, config, pad_id, reference)
-    totals["grad_norm"] = apply_gradients(model, optimizer, config)
+    totals, mismatches = accumulate_gradients(
+        model, chunks, normaliser, config, pad_id, reference, old_store
+    )
+    totals["grad_norm"] = apply_gradients(model, optimizer, config, version)
+    totals["learning_rate"] = learning_rate(config.trainer, version)
     model.eval()
     return {**totals, **step_summary(sequences, normaliser)}, mismatches
 
 
 def step_sequences(groups: list[ScoredGroup], config: Config, version: int) -> list[Sequence]:
     """The step's sequences with their group advantages, shortest first (little padding)."""
-    return sorted(flatten(groups, config, version), key=lambda s: len(s.prompt) + len(s.completion))
+    ordered = sorted(flatten(groups, config, version), key=lambda s: len(s.prompt + s.completion))
+    for position, sequence in enumerate(ordered):
+        sequence.position = position
+    return ordered
 
 
 def step_normaliser(sequences: list[Sequence]) -> BatchNormaliser:
-    """Whole-step counts: each micro-batch's loss is divided by these, wherever it runs."""
+    """Whole-step counts: each micro-batch's loss is divided by these, wherever it runs (the
+    tokens of sequences masked for truncation do not count, as in TRL)."""
     return BatchNormaliser(
-        num_sequences=len(sequences), num_tokens=sum(len(s.completion) for s in sequences)
+        num_sequences=len(sequences),
+        num_tokens=sum(len(s.completion) for s in sequences if not s.masked),
     )
 
 
@@ -164,9 +189,12 @@ def accumulate_gradients(
     config: Config,
     pad_id: int,
     reference: Any | None = None,
+    old_store: dict[int, list[float]] | None = None,
 ) -> tuple[dict[str, float], list[LogprobMismatch]]:
     """Forward and backward each micro-batch; return its loss and stats summed over them, and
-    the sequences that failed the log-prob check.
+    the sequences that failed the log-prob check. `old_store` (num_iterations > 1): the
+    policy's log-probs at the batch's first iteration, by sequence position; filled on that
+    iteration, the base of the clipped ratio on the later ones, as in TRL.
 
     Stats are weighted by each micro-batch's share of `normaliser.num_tokens`, so summing the
     result of several calls (several ranks holding parts of one step) gives the step's values.
@@ -196,7 +224,7 @@ def accumulate_gradients(
                 )
         token_loss, stats = per_token_loss(
             logprobs,
-            logprobs.detach(),
+            first_iteration_logprobs(chunk, logprobs, old_store),
             batch["behavior_logprobs"],
             batch["advantages"],
             batch["mask"],
@@ -214,6 +242,25 @@ def accumulate_gradients(
         for name, value in stats.items():
             totals[name] = totals.get(name, 0.0) + float(value) * weight
     return totals, mismatches
+
+
+def first_iteration_logprobs(
+    chunk: list[Sequence], logprobs: torch.Tensor, old_store: dict[int, list[float]] | None
+) -> torch.Tensor:
+    """The ratio's base: this iteration's log-probs (detached) on a batch's first iteration,
+    which are kept in `old_store`, and the kept ones on every later iteration."""
+    import torch
+
+    old = logprobs.detach()
+    if old_store is None:
+        return old
+    if all(s.position in old_store for s in chunk):
+        width = old.shape[1]
+        rows = [old_store[s.position] for s in chunk]
+        return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], device=old.device)
+    for row, sequence in enumerate(chunk):
+        old_store[sequence.position] = old[row, : len(sequence.completion)].tolist()
+    return old
 
 
 def screen_groups(
@@ -273,11 +320,13 @@ def mask_logprob_mismatches(
     ]
 
 
-def apply_gradients(model: Any, optimizer: Any, config: Config) -> float:
-    """Clip the accumulated gradients, step the optimizer, clear them; return the grad norm."""
+def apply_gradients(model: Any, optimizer: Any, config: Config, version: int) -> float:
+    """Clip the accumulated gradients, step the optimizer at the scheduled learning rate of
+    step `version`, clear them; return the grad norm."""
     import torch
 
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.trainer.max_grad_norm)
+    set_learning_rate(optimizer, config.trainer, version)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # Under FSDP the norm is a DTensor (already reduced over the ranks): take its full value.
@@ -289,5 +338,6 @@ def step_summary(sequences: list[Sequence], normaliser: BatchNormaliser) -> dict
     return {
         "sequences": float(len(sequences)),
         "completion_tokens": float(normaliser.num_tokens),
-        "completion_length": normaliser.num_tokens / max(len(sequences), 1),
+        "completion_length": sum(len(s.completion) for s in sequences) / max(len(sequences), 1),
+        "truncated_fraction": sum(s.truncated for s in sequences) / max(len(sequences), 1),
     }

@@ -1,17 +1,20 @@
 """Rank 0's side of a run: the swarm server, each version's publication, progress and metrics.
 
-`Swarm.start` brings the server up (with the run's codec and reward functions) and tells the
-launcher where workers connect. `next_batch` waits for a step's groups (the server screens
-those of workers not yet proven honest with the log-prob check, when this process holds the
-whole model); `after_step` charges the sequences the step masked out, publishes the new
-version and writes the step's metrics. At the end, `hand_over` waits (bounded) until the
-connected workers hold the final weights. The other ranks of a torchrun job get `NoSwarm`, which
-has the same calls and does nothing.
+`Swarm.start` brings the server up (with the run's codec and reward functions) and the live
+dashboard (dashboard.py), and tells the launcher where workers connect. `next_batch` waits for
+a step's groups (the server screens those of workers not yet proven honest with the log-prob
+check, when this process holds the whole model); `after_step` charges the sequences the step
+masked out, publishes the new version and writes the step's metrics, its time split into
+waiting for samples, training and publishing. At the end, `hand_over` waits (bounded) until the
+connected workers hold the final weights; after `stop` the dashboard shows the run folder until
+the process exits. The other ranks of a torchrun job get `NoSwarm`, which has the same calls and
+does nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -21,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 from swarmrl.protocol.codecs import codec_for
 from swarmrl.rewards import load_reward_function
 from swarmrl.trainer.buffer import ScoredGroup
+from swarmrl.trainer.contributions import ContributionLedger
+from swarmrl.trainer.dashboard import Dashboard, serve_run
 from swarmrl.trainer.leases import prompt_id
 from swarmrl.trainer.ledger import write_ledger
 from swarmrl.trainer.logprob_check import LogprobMismatch
 from swarmrl.trainer.optimizers import Publication
-from swarmrl.trainer.progress import Progress
+from swarmrl.trainer.progress import Progress, waiting_for
 from swarmrl.trainer.publish import WeightPublisher
 from swarmrl.trainer.server import SwarmServer
 from swarmrl.trainer.step import screen_groups
@@ -37,8 +42,17 @@ log = logging.getLogger("trainer")
 
 
 class Swarm:
-    def __init__(self, server: SwarmServer, publication: Publication, progress: Progress) -> None:
+    def __init__(
+        self,
+        server: SwarmServer,
+        publication: Publication,
+        progress: Progress,
+        dashboard: Dashboard | None = None,
+    ) -> None:
         self.server, self.publication, self.progress = server, publication, progress
+        self.dashboard = dashboard
+        assert server.contributions is not None
+        self.contributions = server.contributions
         self.last_step_at = time.monotonic()
 
     @classmethod
@@ -47,25 +61,41 @@ class Swarm:
     ) -> Swarm:
         """Serve the swarm from version `run.step`, whose full weights are `first`."""
         config = run.config
-        publication = Publication(run.optimizer, codec_for(config.trainer))
+        history, keyframe_every = config.swarm.update_history, config.swarm.keyframe_every
+        # Keyframes are encoded every history/2 versions, not every step: the deltas since the
+        # newest one are always still kept, so any worker can catch up from it.
+        publication = Publication(
+            run.optimizer,
+            codec_for(config.trainer),
+            keyframe_interval=max(1, history // 2),
+        )
         publisher = WeightPublisher(
             publication.published(run.step, first, after_step=False),
-            config.swarm.update_history,
-            config.swarm.keyframe_every,
+            history,
+            keyframe_every,
+            base_is_version_0=not config.model.use_peft,
         )
+        publication.keyframe_due = publisher.keyframe_due
         rewards = [(r.function, load_reward_function(r.function), r.weight) for r in config.rewards]
         # The run id is new for every trainer process: workers from before a restart must not
         # trust their version numbers, so they are sent a keyframe.
         run_id = uuid.uuid4().hex[:12]
+        contributions = ContributionLedger(run.folder)  # continues the chain on --resume
         server = SwarmServer(
-            config, run.tokenizer, run.tasks, rewards, run.leases, publisher, run_id
+            config, run.tokenizer, run.tasks, rewards, run.leases, publisher, run_id, contributions
         )
+
         server.start()
         log.info("listening on %s (run %s)", server.endpoint, server.run_id)
         (run.folder / "endpoint").write_text(server.endpoint + "\n")
+        (run.folder / "trainer.pid").write_text(f"{os.getpid()}\n")  # `swarmrl status`: alive?
+        address = config.logging.dashboard_address
+        dashboard = None if address is None else serve_run(run.folder, address, server.worker_table)
         if on_ready is not None:
             on_ready(server.endpoint)
-        return cls(server, publication, Progress(config.trainer.max_steps, run.step))
+        trainer = config.trainer
+        progress = Progress(trainer.max_steps, run.step, trainer.max_minutes)
+        return cls(server, publication, progress, dashboard)
 
     def next_batch(self, run: TrainingRun) -> list[ScoredGroup] | None:
         """A step's groups, or None after a second without them."""
@@ -78,7 +108,8 @@ class Swarm:
         if not self.server.alive:
             raise RuntimeError("the swarm server thread died; see the error above")
         if batch is None:
-            self.progress.update(run.step, None, self.server.worker_table())
+            waiting = waiting_for(*self.server.spread_counts())
+            self.progress.update(run.step, None, self.server.worker_table(), waiting)
         return batch
 
     def after_step(
@@ -92,7 +123,7 @@ class Swarm:
     ) -> None:
         """Publish version `run.step`, charge mismatches, and log the step's metrics."""
         step = run.step
-        self.server.report_logprob_mismatches(mismatches)
+        self.server.report_logprob_mismatches(mismatches, batch)
         publish_started = time.monotonic()
         published = self.publication.published(step, weights)
         self.server.weights.publish(published)
@@ -100,16 +131,22 @@ class Swarm:
         stats["update_bytes"] = len(
             published.keyframe if published.delta is None else published.delta.payload
         )
+        groups, without_spread = self.server.spread_counts()
         scored, workers = self.server.take_rewards(), self.server.worker_table()
         write_ledger(run.folder, workers)
+        self.contributions.seal(step)
         reward = sum(scored) / len(scored) if scored else float("nan")
         now = time.monotonic()
         stats.update(
             reward_mean=reward,
             samples_scored=len(scored),
+            # Of the groups scored since the last step, those all right or all wrong.
+            zero_spread_fraction=without_spread / groups if groups else float("nan"),
             accepted_samples_per_s=self.progress.update(step, reward, workers),
             step_seconds=now - self.last_step_at,
-            train_seconds=now - step_started,
+            train_seconds=now - step_started,  # = optimize_seconds + publish_seconds
+            wait_seconds=step_started - self.last_step_at,  # for samples (and a checkpoint)
+            optimize_seconds=now - step_started - stats["publish_seconds"],
             workers_connected=sum(w["connected"] for w in workers.values()),
             policy_lag=sum(step - 1 - g.policy_version for g in batch) / len(batch),
         )
@@ -151,11 +188,16 @@ class Swarm:
                 "every connected worker holds the final weights (version %d)", self.server.version
             )
 
-    def stop(self) -> dict[str, Any]:
-        """Close the progress display and the server; the final worker table."""
+    def stop(self, run: TrainingRun) -> dict[str, Any]:
+        """Close the progress display and the server; write and return the final ledger."""
         self.progress.close()
-        workers = self.server.worker_table()
         self.server.stop()
+        self.contributions.seal(run.step)
+        self.contributions.close()
+        workers = self.server.worker_table()
+        write_ledger(run.folder, workers, finished=True)
+        if self.dashboard is not None:
+            self.dashboard.workers = None  # from now on: the run folder's (finished) ledger
         return workers
 
 
@@ -174,5 +216,5 @@ class NoSwarm:
     def hand_over(self, timeout_s: float) -> None:
         """Rank 0 hands the final weights over."""
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, run: TrainingRun) -> dict[str, Any]:
         return {}

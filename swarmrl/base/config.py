@@ -14,9 +14,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# The loss variants and reward scalings, by TRL's names; trainer/grpo.py implements each.
-LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+# The loss variants and their options, by TRL's names; trainer/grpo.py implements each.
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
 ScaleRewards = Literal["group", "batch", "none"]
+ImportanceLevel = Literal["token", "sequence"]
+SamplerCorrection = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+LrScheduler = Literal["constant", "linear", "cosine"]
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,14 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="trainer device: auto (cuda if available), cpu, cuda:0")
     gradient_checkpointing: bool = False
+    # LoRA (peft), by TRL's ModelConfig names: a frozen base plus trainable adapters.
+    use_peft: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="TRL's default is 0.05")
+    lora_target_modules: list[str] | None = Field(
+        None, description="module names to adapt; unset: every linear layer but the head"
+    )
 
 
 class DataConfig(Section):
@@ -111,17 +122,53 @@ class TrainerConfig(Section):
     )
     demo: DemoConfig = DemoConfig()
     learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler_type: LrScheduler = Field(
+        "constant", description="constant, linear or cosine over max_steps (TRL: linear)"
+    )
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup (not with constant)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warmup as a share of max_steps")
+    num_iterations: int = Field(
+        1, ge=1, description="optimizer steps on each batch (each one a published version)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = Field(1.0, gt=0)
     loss_type: LossType = "dapo"
     epsilon: float = Field(0.2, gt=0)
-    epsilon_high: float | None = Field(None, description="upper clip; defaults to epsilon")
+    epsilon_high: float | None = Field(
+        None, description="upper clip; defaults to epsilon; for cispo the cap itself (TRL: 5.0)"
+    )
     beta: float = Field(0.0, ge=0, description="KL coefficient; > 0 loads a reference model")
     scale_rewards: ScaleRewards = "group"
-    tis_cap: float = Field(2.0, gt=0, description="truncated importance-sampling cap")
+    importance_sampling_level: ImportanceLevel = Field(
+        "token", description="sequence: GSPO's sequence-level ratio (with loss_type grpo)"
+    )
+    delta: float | None = Field(
+        None, gt=1, description="INTELLECT-2 two-sided clip: cap the unclipped ratio at delta"
+    )
+    sapo_temperature_pos: float = Field(1.0, gt=0)
+    sapo_temperature_neg: float = Field(1.05, gt=0)
+    vllm_importance_sampling_mode: SamplerCorrection = Field(
+        "token_truncate",
+        description="correction for the worker's policy (TRL's name; every worker counts)",
+    )
+    vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)
+    vllm_importance_sampling_clip_max: float | None = Field(2.0, gt=0)
+    mask_truncated_completions: bool = Field(
+        False, description="completions cut off at max_completion_length get no loss"
+    )
+    overlong_buffer_len: int = Field(
+        0, ge=0, description="DAPO soft overlong punishment over the last N tokens (0: off)"
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0)
     prompts_per_step: int = Field(4, ge=1, description="groups with nonzero reward spread per step")
+    max_num_gen_batches: int = Field(
+        4,
+        ge=0,
+        description="after this many steps' worth of groups scored without enough reward "
+        "spread, train on the groups that have one (verl's name; 0: wait for a full step)",
+    )
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward pass")
     max_staleness: int = Field(2, ge=0, description="policy versions a sample may lag")
     max_steps: int = Field(30, ge=0)
@@ -141,6 +188,12 @@ class TrainerConfig(Section):
         gt=0,
         description="sequences sampled with older weights: largest mean |log-prob gap|",
     )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainerConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
 
     @property
     def clip_high(self) -> float:
@@ -166,6 +219,9 @@ class SwarmConfig(Section):
     max_message_mb: int = Field(64, ge=1, description="largest frame the trainer accepts")
     max_open_leases: int = Field(
         3, ge=1, description="leases one worker may hold at once (a pipelining worker holds 2)"
+    )
+    max_new_workers_per_address: int = Field(
+        32, ge=1, description="workers not yet proven honest that may connect from one address"
     )
     rate_limit_per_s: float = Field(20.0, gt=0, description="messages per second per worker")
     rate_limit_burst: int = Field(50, ge=1, description="messages a worker may send at once")
@@ -217,7 +273,44 @@ class LoggingConfig(Section):
     run_dir: str = "runs"
     run_name: str | None = Field(None, description="defaults to <recipe>-<timestamp>")
     level: Literal["debug", "info", "warning"] = "info"
-    tensorboard: bool = True
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"],
+        description="where metrics go besides metrics.jsonl (TRL's name): tensorboard, wandb "
+        "(needs `pip install wandb`); none or [] for neither",
+    )
+    dashboard: str = Field(
+        "127.0.0.1:0",
+        description="HOST:PORT the trainer serves its live dashboard on (port 0: a free one; a "
+        "non-loopback host needs the token printed with the URL); off: no dashboard",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _report_to_text(cls, data: object) -> object:
+        """`--logging.report_to wandb` or `tensorboard,wandb`, as TRL takes it; none: []."""
+        value = data.get("report_to") if isinstance(data, dict) else None
+        if isinstance(value, str):
+            names = [name.strip() for name in value.split(",")]
+            data["report_to"] = [name for name in names if name and name != "none"]
+        return data
+
+    @model_validator(mode="after")
+    def _check_dashboard(self) -> LoggingConfig:
+        _ = self.dashboard_address  # raises on a bad value, naming the key
+        return self
+
+    @property
+    def dashboard_address(self) -> tuple[str, int] | None:
+        """(host, port) of `dashboard`; None when it is off."""
+        if self.dashboard == "off":
+            return None
+        host, _, port = self.dashboard.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"logging.dashboard: expected HOST:PORT (e.g. 127.0.0.1:8080) or off, "
+                f"got {self.dashboard!r}"
+            )
+        return host.strip("[]"), int(port)
 
 
 class Config(Section):

@@ -117,12 +117,12 @@ def load_model(reference: str, dtype: str = "float32", device: str = "cpu"):
     return model.to(device).eval()
 
 
-def load_parameters_in_place(model: Any, tensors: dict[str, Any]) -> None:
-    """Copy `tensors` into the model's parameters, after checking every name and shape
-    (ValueError, nothing written, if they do not fit)."""
+def load_parameters_in_place(model: Any, tensors: dict[str, Any], trainable: bool = False) -> None:
+    """Copy `tensors` into the model's parameters (its trainable ones, with `trainable`),
+    after checking every name and shape (ValueError, nothing written, if they do not fit)."""
     import torch
 
-    parameters = dict(model.named_parameters())
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable}
     missing = sorted(set(parameters) - set(tensors))
     unexpected = sorted(set(tensors) - set(parameters))
     if missing or unexpected:

@@ -1,4 +1,5 @@
-"""The `swarmrl` command: run, train, worker, eval, keys, status.
+"""The `swarmrl` command: run, train, worker, eval, keys, status, ledger, rewards, dashboard,
+export.
 
     swarmrl run [RECIPE] [--workers N]          trainer + N local workers on this machine
     swarmrl train [RECIPE] --bind tcp://0.0.0.0:5555   the trainer alone; workers join later
@@ -6,6 +7,10 @@
     swarmrl eval CHECKPOINT [--recipe RECIPE]   held-out greedy accuracy of a checkpoint
     swarmrl keys new NAME [--dir DIR]           a CURVE key pair for a closed swarm
     swarmrl status [RUN_FOLDER]                 the worker ledger of a run, as a table
+    swarmrl ledger verify|export RUN_FOLDER     check / sum the signed contribution chain
+    swarmrl rewards test FUNCTION --samples F   try a reward function before a run
+    swarmrl dashboard RUN_FOLDER                serve a run folder's dashboard
+    swarmrl export CHECKPOINT --out DIR         a plain model folder (LoRA adapters merged)
 
 Any config key can be overridden after the recipe: `--trainer.learning_rate 2e-5`. Only argparse
 and pydantic are imported up front, so `--help` answers at once.
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from swarmrl.base.config import Config, ConfigError, LoggingConfig
 from swarmrl.base.recipes import load_config, split_overrides, to_toml
+from swarmrl.cli import dashboard, export, ledger, reward_check
 from swarmrl.cli.choices import Registered, backend_names, check_choices
 
 OVERRIDE_HELP = "any config key, e.g. --trainer.learning_rate 2e-5 (see --dry-run for all keys)"
@@ -56,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="close the swarm: only workers whose public key is listed in FILE may join "
             "(= --swarm.allow_keys)",
         )
+        command.add_argument(
+            "--dashboard",
+            metavar="HOST:PORT",
+            help="serve the live dashboard here; off: not at all (= --logging.dashboard)",
+        )
         return command
 
     run = recipe_command("run", "trainer plus local rollout workers on this machine")
@@ -65,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="a rollout worker for a running trainer")
     add = worker.add_argument
     add("--connect", required=True, help="trainer endpoint, tcp://HOST:PORT")
-    add("--name", default="", help="how the trainer logs this worker")
+    add(
+        "--name",
+        default="",
+        help="how the trainer labels this worker (default: worker-<random>, or from --key)",
+    )
     add("--key", metavar="SECRET_FILE", help="closed swarm: this worker's secret key file")
     add(
         "--trainer-key",
@@ -125,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "run_folder", nargs="?", type=Path, help="run folder (default: the newest under runs/)"
     )
+    ledger.add_parser(commands)
+    reward_check.add_parser(commands, OVERRIDE_HELP)
+    dashboard.add_parser(commands)
+    export.add_parser(commands)
     return parser
 
 
@@ -132,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     arguments = parser.parse_args(rest)
+    if hasattr(arguments, "handler"):  # ledger, rewards, dashboard: one module each
+        if overrides and not arguments.overrides_allowed:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        arguments.overrides = overrides
+        return arguments.handler(arguments)
     try:
         if arguments.command == "keys":
             if overrides:
@@ -151,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides += ["--swarm.bind", arguments.bind]
         if getattr(arguments, "allow_keys", None):
             overrides += ["--swarm.allow_keys", arguments.allow_keys]
+        if getattr(arguments, "dashboard", None):
+            overrides += ["--logging.dashboard", arguments.dashboard]
         if getattr(arguments, "workers", None) is not None:
             overrides += ["--swarm.workers", str(arguments.workers)]
         recipe = arguments.recipe
@@ -188,7 +214,7 @@ def run_folder(config: Config, resume: str | None) -> Path:
 
 
 def _train(arguments: argparse.Namespace, config: Config) -> int:
-    from swarmrl.base.logs import setup_logging
+    from swarmrl.base.logs import setup_logging, trace_crashes
     from swarmrl.cli.launch import run_local
     from swarmrl.protocol.auth import KeyFileError
 
@@ -204,7 +230,7 @@ def _train(arguments: argparse.Namespace, config: Config) -> int:
 
         train(config, folder, resume=arguments.resume is not None)
         return 0
-    setup_logging("trainer", folder, config.logging.level)
+    trace_crashes(folder, setup_logging("trainer", folder, config.logging.level))
     workers = config.swarm.workers if arguments.command == "run" else 0
     try:
         summary = run_local(config, folder, workers, resume=arguments.resume is not None)
@@ -224,6 +250,9 @@ def _train(arguments: argparse.Namespace, config: Config) -> int:
             f"swarmrl: {name}: {worker['samples']} samples accepted, {worker['rejected']} rejected",
             file=sys.stderr,
         )
+    from swarmrl.trainer.curves import write_curves
+
+    print(f"swarmrl: curves {write_curves(folder)}", file=sys.stderr)
     print(f"swarmrl: run folder {folder}", file=sys.stderr)
     return 130 if summary["interrupted"] else 0
 
@@ -242,6 +271,9 @@ def _worker(arguments: argparse.Namespace) -> int:
     except KeyFileError as error:
         print(f"swarmrl: {error}", file=sys.stderr)
         return 2
+    # Unnamed: a name nobody can guess (derived from the key in a closed swarm), so no one can
+    # claim it first. The trainer keys records by connection anyway; the name is a label.
+    name = arguments.name or default_worker_name(curve)
     gpus = [g for g in (arguments.gpus or "").split(",") if g]
     if len(gpus) > 1:
         from swarmrl.cli.launch import run_per_gpu, without_option
@@ -249,17 +281,17 @@ def _worker(arguments: argparse.Namespace) -> int:
         worker_arguments = without_option(sys.argv[1:], "--name")
         if worker_arguments[:1] != ["worker"]:  # started as python -m swarmrl.rollout
             worker_arguments = ["worker", *worker_arguments]
-        return run_per_gpu(worker_arguments, gpus, arguments.name or "worker")
+        return run_per_gpu(worker_arguments, gpus, name)
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-    setup_logging(arguments.name or "worker", arguments.log_dir, "info")
+    setup_logging(name, arguments.log_dir, "info")
     if arguments.console_level != "info":
         import logging
 
         logging.getLogger().handlers[0].setLevel(arguments.console_level.upper())
     options = WorkerOptions(
         connect=arguments.connect,
-        name=arguments.name,
+        name=name,
         backend=arguments.backend,
         device=arguments.device,
         dtype=arguments.dtype,
@@ -276,6 +308,14 @@ def _worker(arguments: argparse.Namespace) -> int:
     )
     run_worker(options, arguments.threads)
     return 0
+
+
+def default_worker_name(curve: object | None) -> str:
+    """`worker-` and 8 characters: of the public key in a closed swarm, else random."""
+    import secrets
+
+    key = getattr(getattr(curve, "keys", None), "public", None)
+    return f"worker-{key.decode()[:8] if key else secrets.token_hex(4)}"
 
 
 def _eval(arguments: argparse.Namespace, config: Config) -> int:
@@ -323,7 +363,7 @@ def _new_key(name: str, folder: Path) -> int:
 
 
 def _status(folder: Path | None) -> int:
-    from swarmrl.trainer.ledger import format_table, newest_run, read_ledger
+    from swarmrl.trainer.ledger import format_table, newest_run, read_ledger, run_state
 
     try:
         folder = folder or newest_run(Path(LoggingConfig().run_dir))
@@ -331,8 +371,11 @@ def _status(folder: Path | None) -> int:
     except (OSError, ValueError) as error:
         print(f"swarmrl: {error}", file=sys.stderr)
         return 2
-    print(f"{folder} (written {time.strftime('%H:%M:%S', time.localtime(ledger['written_at']))})")
-    print(format_table(ledger["workers"], time.time()))
+    written = time.strftime("%H:%M:%S", time.localtime(ledger["written_at"]))
+    state = run_state(folder, ledger)
+    print(f"{folder} ({state}; ledger written {written})")
+    over = state != "running"
+    print(format_table(ledger["workers"], time.time(), finished=over))
     return 0
 
 
