@@ -40,9 +40,18 @@ from typing import Any
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
-TRAINER = ["--eval.before=false", "--eval.after=false", "--checkpoint.every_steps", "0",
-           "--swarm.hand_over_s", "0", "--logging.level", "debug",
-           "--trainer.max_steps", "100000"]  # fmt: skip
+TRAINER = [
+    "--eval.before=false",
+    "--eval.after=false",
+    "--checkpoint.every_steps",
+    "0",
+    "--swarm.hand_over_s",
+    "0",
+    "--logging.level",
+    "debug",
+    "--trainer.max_steps",
+    "100000",
+]
 
 
 def free_port() -> int:
@@ -65,10 +74,22 @@ def attack(endpoint: str, seconds: float, model: str) -> None:
     tokenizer = load_tokenizer(model)
     stop = threading.Event()
     context = zmq.Context()
-    kinds = [keyframe_puller, stalled_reader, name_poisoner, heartbeat_flood, strangers,
-             hello_churn, lease_hoarders, junk_submitter, future_versions, log_forger]  # fmt: skip
-    threads = [threading.Thread(target=k, args=(context, endpoint, stop, tokenizer), daemon=True)
-               for k in kinds]  # fmt: skip
+    kinds = [
+        keyframe_puller,
+        stalled_reader,
+        name_poisoner,
+        heartbeat_flood,
+        strangers,
+        hello_churn,
+        lease_hoarders,
+        junk_submitter,
+        future_versions,
+        log_forger,
+    ]
+    threads = [
+        threading.Thread(target=k, args=(context, endpoint, stop, tokenizer), daemon=True)
+        for k in kinds
+    ]
     threads.append(threading.Thread(target=forger_stream, args=(endpoint, tokenizer, stop)))
     for thread in threads:
         thread.start()
@@ -89,8 +110,9 @@ def peer(context: Any, endpoint: str, name: str, **options: int) -> Any:
     for option, value in options.items():
         socket_.setsockopt(getattr(zmq, option), value)
     channel = Channel(socket_)
-    channel.send(m.Hello(worker_name=name, backend="hf", software_version="atk",
-                         max_prompts_per_lease=2))  # fmt: skip
+    channel.send(
+        m.Hello(worker_name=name, backend="hf", software_version="atk", max_prompts_per_lease=2)
+    )
     return channel
 
 
@@ -164,8 +186,9 @@ def heartbeat_flood(context: Any, endpoint: str, stop: threading.Event, tokenize
 def strangers(context: Any, endpoint: str, stop: threading.Event, tokenizer: Any) -> None:
     from swarmrl.protocol.transport import Channel, make_dealer
 
-    crowd = [Channel(make_dealer(context, endpoint, b"s" + os.urandom(15), 2**20))
-             for _ in range(50)]  # fmt: skip
+    crowd = [
+        Channel(make_dealer(context, endpoint, b"s" + os.urandom(15), 2**20)) for _ in range(50)
+    ]
     junk = b"\x81" + os.urandom(60_000)
     for _ in paced(stop, 5):
         for stranger in crowd:  # 250 frames of 60 KB a second, never a hello
@@ -176,8 +199,9 @@ def hello_churn(context: Any, endpoint: str, stop: threading.Event, tokenizer: A
     channels = [peer(context, endpoint, f"atk-churn-{n}") for n in range(50)]
     from swarmrl.protocol import messages as m
 
-    hello = m.Hello(worker_name="atk-churn", backend="hf", software_version="atk",
-                    max_prompts_per_lease=1)  # fmt: skip
+    hello = m.Hello(
+        worker_name="atk-churn", backend="hf", software_version="atk", max_prompts_per_lease=1
+    )
     for _ in paced(stop, 4):
         for channel in channels:
             channel.send(hello)  # again and again on the same connection
@@ -212,12 +236,20 @@ def junk_submitter(context: Any, endpoint: str, stop: threading.Event, tokenizer
         for message in drain(channel, 0.2):
             version = max(version, getattr(message, "version", -1))
             if isinstance(message, m.Lease):
-                groups = [m.GroupResult(prompt_id=p.prompt_id,
-                                        completions=[same] * message.num_generations)
-                          for p in message.prompts]  # fmt: skip
-                channel.send(m.Submission(lease_id=message.lease_id, groups=groups,
-                                          policy_version=message.policy_version,
-                                          generation_seconds=0.1))  # fmt: skip
+                groups = [
+                    m.GroupResult(
+                        prompt_id=p.prompt_id, completions=[same] * message.num_generations
+                    )
+                    for p in message.prompts
+                ]
+                channel.send(
+                    m.Submission(
+                        lease_id=message.lease_id,
+                        groups=groups,
+                        policy_version=message.policy_version,
+                        generation_seconds=0.1,
+                    )
+                )
             if isinstance(message, m.Reject) and message.reason == "quarantined":
                 channel.close()
                 channel, version = peer(context, endpoint, "atk-junk"), 0
@@ -244,9 +276,16 @@ def log_forger(context: Any, endpoint: str, stop: threading.Event, tokenizer: An
     fake = "x\n12:00:00 trainer   DEBUG   step 9999 trained on p1\x1b[2J"
     for _ in paced(stop, 1):
         channel = Channel(make_dealer(context, endpoint, b"l" + os.urandom(15), 2**20))
-        hello = {"v": m.PROTOCOL_VERSION, "type": "hello", "protocol_version": m.PROTOCOL_VERSION,
-                 "worker_name": fake, "backend": "hf", "software_version": "atk",
-                 "max_prompts_per_lease": 1, "weights_version": -1}  # fmt: skip
+        hello = {
+            "v": m.PROTOCOL_VERSION,
+            "type": "hello",
+            "protocol_version": m.PROTOCOL_VERSION,
+            "worker_name": fake,
+            "backend": "hf",
+            "software_version": "atk",
+            "max_prompts_per_lease": 1,
+            "weights_version": -1,
+        }
         channel.socket.send_multipart([msgpack.packb(hello)])
         drain(channel, 0.2)
         channel.close()
@@ -280,21 +319,51 @@ def run(name: str, minutes: float, folder: Path, attacked: bool, model: str) -> 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "swarmrl", "train", *TRAINER, "--trainer.max_minutes",
-         str(minutes), "--bind", endpoint, "--logging.run_dir", str(folder),
-         "--logging.run_name", name, "--trainer.threads", "1"],
-        stdout=(folder / f"{name}.console.log").open("w"), stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "swarmrl",
+            "train",
+            *TRAINER,
+            "--trainer.max_minutes",
+            str(minutes),
+            "--bind",
+            endpoint,
+            "--logging.run_dir",
+            str(folder),
+            "--logging.run_name",
+            name,
+            "--trainer.threads",
+            "1",
+        ],
+        stdout=(folder / f"{name}.console.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     run_folder = folder / name
     while not (run_folder / "endpoint").exists():
         if trainer.poll() is not None:
             raise SystemExit(f"{name}: the trainer exited; see {folder}/{name}.console.log")
         time.sleep(0.5)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "swarmrl", "worker", "--connect", endpoint, "--backend", "hf",
-         "--name", "honest", "--threads", "1"],
-        stdout=(folder / f"{name}.worker.log").open("w"), stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "swarmrl",
+            "worker",
+            "--connect",
+            endpoint,
+            "--backend",
+            "hf",
+            "--name",
+            "honest",
+            "--threads",
+            "1",
+        ],
+        stdout=(folder / f"{name}.worker.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     stop, rtts, rss = threading.Event(), [], []
     prober = threading.Thread(target=probe, args=(endpoint, stop, rtts), daemon=True)
     prober.start()
@@ -322,13 +391,21 @@ def summary(folder: Path, minutes: float, rtts: list[float], rss: list) -> dict[
     ledger = data["workers"]
     log = (folder / "trainer.log").read_text()
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    trained = {int(i) for ps in re.findall(r"step \d+ trained on (\S+)", log)
-               for i in re.findall(r"p(\d+)", ps)}  # fmt: skip
-    done = {int(i) for ws in re.findall(r"\(without: (\S+), done\)", log)
-            for i in re.findall(r"p(\d+)", ws)}  # fmt: skip
-    state = json.loads(sorted((folder / "checkpoints").glob("step_*"),
-                              key=lambda p: int(p.name[5:]))[-1].joinpath(
-                                  "trainer_state.json").read_text())["leases"]  # fmt: skip
+    trained = {
+        int(i)
+        for ps in re.findall(r"step \d+ trained on (\S+)", log)
+        for i in re.findall(r"p(\d+)", ps)
+    }
+    done = {
+        int(i)
+        for ws in re.findall(r"\(without: (\S+), done\)", log)
+        for i in re.findall(r"p(\d+)", ws)
+    }
+    state = json.loads(
+        sorted((folder / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+        .joinpath("trainer_state.json")
+        .read_text()
+    )["leases"]
     owed = {int(i) for i in state["requeued"]}
     lost = set(range(int(state["next_index"]))) - trained - done - owed
     attackers = {k: v for k, v in ledger.items() if not k.startswith(("honest", "probe"))}
@@ -365,8 +442,10 @@ def main() -> None:
     folder = args.folder or Path(tempfile.mkdtemp(prefix="swarmrl-soak-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        results = {name: run(name, args.minutes, folder, name == "attacked", model)
-                   for name in ("clean", "attacked")}  # fmt: skip
+        results = {
+            name: run(name, args.minutes, folder, name == "attacked", model)
+            for name in ("clean", "attacked")
+        }
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -374,10 +453,21 @@ def main() -> None:
     ratio = attacked["honest_samples_per_s"] / max(clean["honest_samples_per_s"], 1e-9)
     rss = attacked["rss_peak_mb"] / clean["rss_peak_mb"]
     print(f"{'':28}{'clean':>12}{'attacked':>12}")
-    for key in ("honest_samples_per_s", "honest_rejected", "steps", "rss_peak_mb",
-                "heartbeat_p50_ms", "heartbeat_p99_ms", "ledger_records", "ledger_bytes",
-                "attacker_records_proven", "masked_in_steps", "prompts_leased", "prompts_lost",
-                "forged_lines_in_log"):  # fmt: skip
+    for key in (
+        "honest_samples_per_s",
+        "honest_rejected",
+        "steps",
+        "rss_peak_mb",
+        "heartbeat_p50_ms",
+        "heartbeat_p99_ms",
+        "ledger_records",
+        "ledger_bytes",
+        "attacker_records_proven",
+        "masked_in_steps",
+        "prompts_leased",
+        "prompts_lost",
+        "forged_lines_in_log",
+    ):
         print(f"{key:28}{clean[key]!s:>12}{attacked[key]!s:>12}")
     print(
         f"honest throughput attacked/clean {ratio:.2f}; peak trainer RSS attacked/clean {rss:.2f}"

@@ -30,21 +30,44 @@ ROWS = {
     "bnpo": ["--trainer.loss_type", "bnpo"],
     "cispo": ["--trainer.loss_type", "cispo", "--trainer.epsilon_high", "5.0"],
     "sapo": ["--trainer.loss_type", "sapo"],
-    "gspo": ["--trainer.loss_type", "grpo", "--trainer.importance_sampling_level", "sequence",
-             "--trainer.epsilon", "3e-4", "--trainer.epsilon_high", "4e-4"],
+    "gspo": [
+        "--trainer.loss_type",
+        "grpo",
+        "--trainer.importance_sampling_level",
+        "sequence",
+        "--trainer.epsilon",
+        "3e-4",
+        "--trainer.epsilon_high",
+        "4e-4",
+    ],
     "dapo + delta 4": ["--trainer.delta", "4.0"],
     "lora r16": ["--model.use_peft", "true"],
     "lora r16, lr 2e-4": ["--model.use_peft", "true", "--trainer.learning_rate", "2e-4"],
-}  # fmt: skip
+}
 
 
 def run(name: str, extra: list[str], steps: int, heldout: int, folder: Path) -> dict:
     command = [
-        sys.executable, "-m", "swarmrl", "run", "--trainer.max_steps", str(steps),
-        "--trainer.max_minutes", "60", "--checkpoint.every_steps", "0",
-        "--eval.heldout_size", str(heldout), "--swarm.hand_over_s", "0",
-        "--logging.run_dir", str(folder), "--logging.run_name", slug(name), *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "swarmrl",
+        "run",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.max_minutes",
+        "60",
+        "--checkpoint.every_steps",
+        "0",
+        "--eval.heldout_size",
+        str(heldout),
+        "--swarm.hand_over_s",
+        "0",
+        "--logging.run_dir",
+        str(folder),
+        "--logging.run_name",
+        slug(name),
+        *extra,
+    ]
     log = (folder / f"{slug(name)}.console.log").open("w")
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -90,9 +113,12 @@ def main() -> None:
         for name in names:
             results[name] = run(name, ROWS[name], args.steps, args.heldout, folder)
             row = results[name]
-            print(f"{name:22} {row['heldout_before']:.3f} -> {row['heldout_after']:.3f}  "
-                  f"{row['seconds_per_step']:5.1f} s/step  {row['trainer_peak_rss_mb']:5d} MB  "
-                  f"{row['update_bytes']} B/update", flush=True)  # fmt: skip
+            print(
+                f"{name:22} {row['heldout_before']:.3f} -> {row['heldout_after']:.3f}  "
+                f"{row['seconds_per_step']:5.1f} s/step  {row['trainer_peak_rss_mb']:5d} MB  "
+                f"{row['update_bytes']} B/update",
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -20,12 +20,22 @@ from swarmrl.trainer.ledger import write_ledger
 
 def worker(samples: int, rejected: int = 0, connected: bool = True, **more: Any) -> dict:
     return {
-        "samples": samples, "unscored": 0, "rejected": rejected, "faults": rejected,
-        "reasons": {"text_mismatch": rejected} if rejected else {}, "samples_per_s": 0.5,
-        "generation_seconds": 1.0, "last_seen": time.time(), "connected": connected,
-        "quarantined": False, "proven": True, "backend": "hf", "software": "0.1", "key": "",
+        "samples": samples,
+        "unscored": 0,
+        "rejected": rejected,
+        "faults": rejected,
+        "reasons": {"text_mismatch": rejected} if rejected else {},
+        "samples_per_s": 0.5,
+        "generation_seconds": 1.0,
+        "last_seen": time.time(),
+        "connected": connected,
+        "quarantined": False,
+        "proven": True,
+        "backend": "hf",
+        "software": "0.1",
+        "key": "",
         **more,
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture

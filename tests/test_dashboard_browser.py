@@ -110,8 +110,9 @@ def test_the_dashboard_follows_a_live_run_then_shows_its_folder(
 
     # Later, on the folder alone: the finished state, every step, the final counts.
     viewer_port = free_port()
-    viewer = swarmrl("dashboard", str(folder), "--bind", f"127.0.0.1:{viewer_port}",
-                     log=tmp_path / "viewer.log")  # fmt: skip
+    viewer = swarmrl(
+        "dashboard", str(folder), "--bind", f"127.0.0.1:{viewer_port}", log=tmp_path / "viewer.log"
+    )
     try:
         wait_for_port(viewer_port, 30, viewer)
         page.goto(f"http://127.0.0.1:{viewer_port}/")

@@ -301,10 +301,12 @@ def one_token(logprob: float) -> torch.Tensor:
 def test_cispo_weights_by_the_capped_ratio_and_differentiates_the_log_prob() -> None:
     # r = e^0.5 = 1.6487 > cap 1.5: weight 1.5 (detached); loss = -1.5 * A * logp = -1.5
     logprobs, ones = one_token(0.5), torch.ones(1, 1)
-    cfg = LossConfig(loss_type="cispo", epsilon_high=1.5, sampler_clip_max=None,
-                     sampler_mode="token_mask")  # fmt: skip
-    loss, _ = per_token_loss(logprobs, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([2.0]),
-                             ones, cfg)  # fmt: skip
+    cfg = LossConfig(
+        loss_type="cispo", epsilon_high=1.5, sampler_clip_max=None, sampler_mode="token_mask"
+    )
+    loss, _ = per_token_loss(
+        logprobs, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([2.0]), ones, cfg
+    )
     assert loss.item() == pytest.approx(-1.5)
     loss.sum().backward()
     assert logprobs.grad.item() == pytest.approx(-3.0)  # -cap * A: no gradient through the cap
@@ -313,9 +315,14 @@ def test_cispo_weights_by_the_capped_ratio_and_differentiates_the_log_prob() -> 
 def test_sapo_is_a_soft_gate_with_slope_one_at_ratio_one() -> None:
     for advantage, tau in ((1.0, 1.0), (-1.0, 1.05)):
         logprobs = one_token(0.0)  # r = 1: sigmoid(0) * 4 / tau = 2 / tau
-        loss, _ = per_token_loss(logprobs, torch.zeros(1, 1), torch.zeros(1, 1),
-                                 torch.tensor([advantage]), torch.ones(1, 1),
-                                 LossConfig(loss_type="sapo"))  # fmt: skip
+        loss, _ = per_token_loss(
+            logprobs,
+            torch.zeros(1, 1),
+            torch.zeros(1, 1),
+            torch.tensor([advantage]),
+            torch.ones(1, 1),
+            LossConfig(loss_type="sapo"),
+        )
         assert loss.item() == pytest.approx(-2.0 / tau * advantage)
         loss.sum().backward()
         assert logprobs.grad.item() == pytest.approx(-advantage)  # 4 * sigmoid'(0) = 1
@@ -324,8 +331,9 @@ def test_sapo_is_a_soft_gate_with_slope_one_at_ratio_one() -> None:
 def test_gspo_clips_the_mean_log_ratio_of_the_sequence() -> None:
     logprobs = torch.tensor([[0.2, 0.4]], requires_grad=True)  # mean 0.3: s = e^0.3 = 1.3499
     cfg = LossConfig(loss_type="grpo", importance_sampling_level="sequence")
-    loss, stats = per_token_loss(logprobs, torch.zeros(1, 2), torch.zeros(1, 2),
-                                 torch.tensor([1.0]), torch.ones(1, 2), cfg)  # fmt: skip
+    loss, stats = per_token_loss(
+        logprobs, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), cfg
+    )
     assert loss[0].tolist() == pytest.approx([-1.2, -1.2])  # clipped at 1 + 0.2, every token
     assert stats["clip_ratio_high"].item() == 1.0
 

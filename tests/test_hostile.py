@@ -131,8 +131,12 @@ def test_a_reconnecting_worker_keeps_its_record_and_its_quarantine(
 def test_a_flood_does_not_hold_off_the_silence_check(
     swarm: Callable[..., SwarmServer], context: zmq.Context
 ) -> None:
-    server = swarm(heartbeat_timeout_s=2.0, heartbeat_interval_s=0.5, rate_limit_per_s=1e6,
-                   rate_limit_burst=10**6)  # fmt: skip
+    server = swarm(
+        heartbeat_timeout_s=2.0,
+        heartbeat_interval_s=0.5,
+        rate_limit_per_s=1e6,
+        rate_limit_burst=10**6,
+    )
     silent = Peer(context, server.endpoint)
     silent.hello("silent")
     prove(server, "silent")
@@ -204,10 +208,16 @@ def test_control_characters_from_workers_are_refused_and_escaped(
 ) -> None:
     server = swarm()
     forger = Peer(context, server.endpoint)
-    hello = {"v": m.PROTOCOL_VERSION, "type": "hello", "protocol_version": m.PROTOCOL_VERSION,
-             "worker_name": "x\n12:00:00 trainer  DEBUG step 9999 trained on p1",
-             "backend": "hf", "software_version": "t", "max_prompts_per_lease": 1,
-             "weights_version": -1}  # fmt: skip
+    hello = {
+        "v": m.PROTOCOL_VERSION,
+        "type": "hello",
+        "protocol_version": m.PROTOCOL_VERSION,
+        "worker_name": "x\n12:00:00 trainer  DEBUG step 9999 trained on p1",
+        "backend": "hf",
+        "software_version": "t",
+        "max_prompts_per_lease": 1,
+        "weights_version": -1,
+    }
     forger.send_frames([msgpack.packb(hello)])
     refused = forger.receive()
     assert isinstance(refused, m.Reject) and refused.reason == "invalid", refused
@@ -286,9 +296,18 @@ def test_an_old_protocol_version_is_refused_with_a_clear_message(
 ) -> None:
     server = swarm()
     old = Peer(context, server.endpoint)
-    frame = msgpack.packb({"v": 1, "type": "hello", "protocol_version": 1, "worker_name": "old",
-                           "backend": "hf", "software_version": "0.0.9",
-                           "max_prompts_per_lease": 1, "weights_version": -1})  # fmt: skip
+    frame = msgpack.packb(
+        {
+            "v": 1,
+            "type": "hello",
+            "protocol_version": 1,
+            "worker_name": "old",
+            "backend": "hf",
+            "software_version": "0.0.9",
+            "max_prompts_per_lease": 1,
+            "weights_version": -1,
+        }
+    )
     old.send_frames([frame])
     refused = old.receive()
     assert isinstance(refused, m.Reject) and refused.reason == "bad_version", refused
@@ -433,8 +452,11 @@ def test_screening_refuses_a_new_workers_failing_groups_and_proves_the_rest(
         assert isinstance(peer.submit(work), m.Accept)
 
     def screen(groups: list) -> list:
-        return [LogprobMismatch(g.worker_id, g.prompt_index, 0, 4.0, 9.0)
-                for g in groups if g.worker_id == "bad"]  # fmt: skip
+        return [
+            LogprobMismatch(g.worker_id, g.prompt_index, 0, 4.0, 9.0)
+            for g in groups
+            if g.worker_id == "bad"
+        ]
 
     assert server.next_batch(timeout_s=1.0, screen=screen) is None  # refused: no step
     table = server.worker_table()
@@ -454,8 +476,11 @@ def test_while_a_step_waits_new_workers_are_screened_and_proven(
 
     def screen(groups: list) -> list:
         checked.extend(groups)
-        return [LogprobMismatch(g.worker_id, g.prompt_index, 0, 4.0, 9.0)
-                for g in groups if g.worker_id == "bad"]  # fmt: skip
+        return [
+            LogprobMismatch(g.worker_id, g.prompt_index, 0, 4.0, 9.0)
+            for g in groups
+            if g.worker_id == "bad"
+        ]
 
     for name in ("good", "bad"):
         peer = Peer(context, server.endpoint)
@@ -483,8 +508,11 @@ def test_a_new_workers_groups_without_spread_are_credited_once_checked(
     server.intake.contributions = ContributionLedger(tmp_path)
 
     def screen(groups: list) -> list:
-        return [LogprobMismatch(g.worker_id, g.prompt_index, 0, 4.0, 9.0)
-                for g in groups if g.worker_id == "liar"]  # fmt: skip
+        return [
+            LogprobMismatch(g.worker_id, g.prompt_index, 0, 4.0, 9.0)
+            for g in groups
+            if g.worker_id == "liar"
+        ]
 
     for name in ("honest", "liar"):  # all wrong: no spread, so no credit yet
         peer = Peer(context, server.endpoint)

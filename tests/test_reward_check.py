@@ -99,8 +99,17 @@ def test_the_command_on_a_jsonl_file(
     rewards_module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     samples = write_samples(tmp_path / "s.jsonl", ["7", "7", "3", "?", "boom", "7"])
-    code = main(["rewards", "test", f"{rewards_module}:flaky", "--samples", str(samples),
-                 "--batch-size", "2"])  # fmt: skip
+    code = main(
+        [
+            "rewards",
+            "test",
+            f"{rewards_module}:flaky",
+            "--samples",
+            str(samples),
+            "--batch-size",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1  # a call raised
     assert out.startswith(f"reward function {rewards_module}:flaky: 6 samples in 3 call(s)")
@@ -130,9 +139,11 @@ def test_an_unusable_return_exits_2_naming_the_function(
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [('{"prompt": "q"\n', "s.jsonl:1: not JSON"),
-     ('{"prompt": "q", "completion": "c"}\n{"prompt": "q"}\n', "s.jsonl:2: needs string fields")],
-)  # fmt: skip
+    [
+        ('{"prompt": "q"\n', "s.jsonl:1: not JSON"),
+        ('{"prompt": "q", "completion": "c"}\n{"prompt": "q"}\n', "s.jsonl:2: needs string fields"),
+    ],
+)
 def test_unreadable_samples_exit_2_naming_the_line(
     content: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -152,8 +163,12 @@ def test_fresh_generations_of_the_recipe_model(
     model_path: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     arguments = ["rewards", "test", "integer_match", "--generate", "6", "--batch-size", "4"]
-    assert main([*arguments, "--sampling.num_generations", "3",
-                 "--sampling.max_completion_length", "8"]) == 0  # fmt: skip
+    assert (
+        main(
+            [*arguments, "--sampling.num_generations", "3", "--sampling.max_completion_length", "8"]
+        )
+        == 0
+    )
     report = capsys.readouterr().out.splitlines()
     assert report[0] == "reward function integer_match: 6 samples in 2 call(s)"
     examples = [line for line in report if "  prompt " in line]

@@ -22,8 +22,9 @@ def test_by_hand() -> None:
 def test_the_same_rates_as_transformers(kind: str) -> None:
     from transformers import get_scheduler
 
-    trainer = TrainerConfig(learning_rate=3e-5, lr_scheduler_type=kind, warmup_ratio=0.25,
-                            max_steps=12)  # fmt: skip
+    trainer = TrainerConfig(
+        learning_rate=3e-5, lr_scheduler_type=kind, warmup_ratio=0.25, max_steps=12
+    )
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
     reference = get_scheduler(kind, optimizer, num_warmup_steps=3, num_training_steps=12)
     for step in range(12):
@@ -33,8 +34,9 @@ def test_the_same_rates_as_transformers(kind: str) -> None:
 
 
 def test_a_resumed_run_continues_the_schedule_exactly() -> None:
-    trainer = TrainerConfig(learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=2,
-                            max_steps=8)  # fmt: skip
+    trainer = TrainerConfig(
+        learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=2, max_steps=8
+    )
     straight = [learning_rate(trainer, step) for step in range(8)]
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     resumed = [set_learning_rate(optimizer, trainer, step) for step in range(5, 8)]  # from 5

@@ -13,10 +13,15 @@ from swarmrl.trainer.step import pad_batch, step_normaliser, step_sequences
 
 def group(truncated: list[bool]) -> ScoredGroup:
     return ScoredGroup(
-        prompt_index=0, prompt_token_ids=[1, 2], completion_token_ids=[[5, 6, 7], [8]],
-        behavior_logprobs=[[-1.0] * 3, [-1.0]], rewards=[1.0, 0.0], worker_id="w",
-        policy_version=0, truncated=truncated,
-    )  # fmt: skip
+        prompt_index=0,
+        prompt_token_ids=[1, 2],
+        completion_token_ids=[[5, 6, 7], [8]],
+        behavior_logprobs=[[-1.0] * 3, [-1.0]],
+        rewards=[1.0, 0.0],
+        worker_id="w",
+        policy_version=0,
+        truncated=truncated,
+    )
 
 
 def test_truncated_completions_are_masked_out_only_when_asked() -> None:
@@ -63,8 +68,9 @@ def test_later_iterations_take_the_ratio_against_the_first_iterations_log_probs(
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     old: dict[int, list[float]] = {}
     for version in (0, 1):
-        step_module.train_step(model, optimizer, batch, config, tokenizer.pad_token_id,
-                               version=version, old_store=old)  # fmt: skip
+        step_module.train_step(
+            model, optimizer, batch, config, tokenizer.pad_token_id, version=version, old_store=old
+        )
     (first_now, first_base), (second_now, second_base) = seen
     assert torch.equal(first_now, first_base)  # first iteration: ratio 1
     real = second_base != 0  # the kept rows stop at each completion's end (0 beyond)
@@ -88,8 +94,9 @@ def test_the_scheduled_rate_is_the_one_the_demo_payload_carries(model_and_tokeni
     batch = hand_built_batch(tokenizer, model)
     rates = []
     for version in (1, 2):  # warmup's second step: lr 2e-5; then linear decay from 4e-5
-        stats, _ = train_step(model, optimizer, batch, config, tokenizer.pad_token_id,
-                              version=version)  # fmt: skip
+        stats, _ = train_step(
+            model, optimizer, batch, config, tokenizer.pad_token_id, version=version
+        )
         header = HEADER.unpack_from(optimizer.last_payload)
         rates.append((stats["learning_rate"], header[5]))
     assert rates == [(2e-5, 2e-5), (4e-5, 4e-5)]

@@ -40,16 +40,30 @@ def test_cispo_gspo_masked_sampling_overlong_cosine_and_two_iterations(
     model_path: str, tmp_path: Path
 ) -> None:
     folder = run_with_a_worker(
-        tmp_path, "losses", 4,
-        "--trainer.loss_type", "cispo", "--trainer.epsilon_high", "5.0",
-        "--trainer.importance_sampling_level", "sequence",
-        "--trainer.vllm_importance_sampling_mode", "sequence_mask",
-        "--trainer.vllm_importance_sampling_clip_max", "3.0",
-        "--trainer.mask_truncated_completions", "true",
-        "--trainer.overlong_buffer_len", "4",
-        "--trainer.lr_scheduler_type", "cosine", "--trainer.warmup_steps", "1",
-        "--trainer.num_iterations", "2",
-    )  # fmt: skip
+        tmp_path,
+        "losses",
+        4,
+        "--trainer.loss_type",
+        "cispo",
+        "--trainer.epsilon_high",
+        "5.0",
+        "--trainer.importance_sampling_level",
+        "sequence",
+        "--trainer.vllm_importance_sampling_mode",
+        "sequence_mask",
+        "--trainer.vllm_importance_sampling_clip_max",
+        "3.0",
+        "--trainer.mask_truncated_completions",
+        "true",
+        "--trainer.overlong_buffer_len",
+        "4",
+        "--trainer.lr_scheduler_type",
+        "cosine",
+        "--trainer.warmup_steps",
+        "1",
+        "--trainer.num_iterations",
+        "2",
+    )
     steps = train_records(folder)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # two batches, two versions each
     base = 5e-5  # the arithmetic recipe's learning rate

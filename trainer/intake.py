@@ -95,16 +95,29 @@ class Intake:
         self.ledger.accept(worker, samples, sub.generation_seconds, unscored)
         if self.contributions is not None:
             self.contributions.record(
-                "accepted", worker.worker_id, key=worker.key, lease=sub.lease_id,
-                prompts=[prompt_id(g.prompt_index) for g in credited], version=sub.policy_version,
-                samples=samples, reward_sum=sum(sum(g.rewards) for g in credited),
-            )  # fmt: skip
+                "accepted",
+                worker.worker_id,
+                key=worker.key,
+                lease=sub.lease_id,
+                prompts=[prompt_id(g.prompt_index) for g in credited],
+                version=sub.policy_version,
+                samples=samples,
+                reward_sum=sum(sum(g.rewards) for g in credited),
+            )
         prompts = ",".join(g.prompt_id for g in sub.groups)
         without = ",".join(prompt_id(g.prompt_index) for g in idle) or "-"
-        log.debug("lease %s (%s) accepted from %s: %d samples, %d/%d groups with reward "
-                  "spread (without: %s, %s)", sub.lease_id, prompts, worker.worker_id,
-                  samples + unscored, len(useful), len(groups), without,
-                  "again" if unscored else "done")  # fmt: skip
+        log.debug(
+            "lease %s (%s) accepted from %s: %d samples, %d/%d groups with reward "
+            "spread (without: %s, %s)",
+            sub.lease_id,
+            prompts,
+            worker.worker_id,
+            samples + unscored,
+            len(useful),
+            len(groups),
+            without,
+            "again" if unscored else "done",
+        )
 
     def take_unchecked(self) -> list[ScoredGroup]:
         """The kept groups without a spread of workers still unproven (and still recorded)."""
@@ -127,10 +140,16 @@ class Intake:
             self.ledger.accept(record, samples)
             if self.contributions is not None:
                 self.contributions.record(
-                    "accepted", group.worker_id, key=record.key, lease=None,
-                    prompts=[prompt_id(group.prompt_index)], version=group.policy_version,
-                    samples=samples, reward_sum=sum(group.rewards), checked_later=True,
-                )  # fmt: skip
+                    "accepted",
+                    group.worker_id,
+                    key=record.key,
+                    lease=None,
+                    prompts=[prompt_id(group.prompt_index)],
+                    version=group.policy_version,
+                    samples=samples,
+                    reward_sum=sum(group.rewards),
+                    checked_later=True,
+                )
 
     def prompt(self, index: int) -> tuple[str, list[int]]:
         """Prompt `index` of the stream as (text, token ids)."""
@@ -183,10 +202,12 @@ class Intake:
         scores = score_completions(self.reward_functions, prompts, completions, columns)
         trainer, limit = self.config.trainer, self.config.sampling.max_completion_length
         total = [  # DAPO's soft overlong punishment, when asked for (verl's names)
-            reward + overlong_penalty(len(i), limit, trainer.overlong_buffer_len,
-                                      trainer.overlong_penalty_factor)
+            reward
+            + overlong_penalty(
+                len(i), limit, trainer.overlong_buffer_len, trainer.overlong_penalty_factor
+            )
             for reward, i in zip(scores.total, ids, strict=True)
-        ]  # fmt: skip
+        ]
         # The trainer's own judgement (not the worker's finish_reason): at the limit, no end.
         cut = [len(i) >= limit and i[-1] not in self.end_ids for i in ids]
         self.reward_log.extend(total)

@@ -181,12 +181,23 @@ class Ledger:
         if self.departed.workers:
             d = self.departed
             rows[DEPARTED] = {
-                "samples": 0, "unscored": 0, "rejected": d.rejected, "faults": d.faults,
-                "reasons": dict(d.reasons), "samples_per_s": 0.0, "generation_seconds": 0.0,
-                "last_seen": wall, "connected": False, "quarantined": False, "proven": False,
-                "backend": "", "software": "", "key": "", "workers": d.workers,
+                "samples": 0,
+                "unscored": 0,
+                "rejected": d.rejected,
+                "faults": d.faults,
+                "reasons": dict(d.reasons),
+                "samples_per_s": 0.0,
+                "generation_seconds": 0.0,
+                "last_seen": wall,
+                "connected": False,
+                "quarantined": False,
+                "proven": False,
+                "backend": "",
+                "software": "",
+                "key": "",
+                "workers": d.workers,
                 "quarantined_workers": d.quarantined,
-            }  # fmt: skip
+            }
         return rows
 
 

@@ -72,9 +72,15 @@ class SingleProcess:
         """One optimizer step on `batch` with the weights of version `run.step`; `old`: the
         batch's first-iteration log-probs (num_iterations > 1), filled on its first step."""
         return train_step(
-            run.model, run.optimizer, batch, run.config, run.pad_id, run.reference,
-            version=run.step, old_store=old,
-        )  # fmt: skip
+            run.model,
+            run.optimizer,
+            batch,
+            run.config,
+            run.pad_id,
+            run.reference,
+            version=run.step,
+            old_store=old,
+        )
 
     def share_batch(
         self, batch: list[ScoredGroup] | None, stop: bool
@@ -116,9 +122,16 @@ class ShardedRanks:
         self, run: TrainingRun, batch: list[ScoredGroup], old: dict[int, list[float]] | None
     ) -> StepResult:
         return distributed.train_step_sharded(
-            run.model, run.optimizer, batch, run.config, run.pad_id, self.place, run.reference,
-            version=run.step, old_store=old,
-        )  # fmt: skip
+            run.model,
+            run.optimizer,
+            batch,
+            run.config,
+            run.pad_id,
+            self.place,
+            run.reference,
+            version=run.step,
+            old_store=old,
+        )
 
     def share_batch(
         self, batch: list[ScoredGroup] | None, stop: bool

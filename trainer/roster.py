@@ -114,8 +114,14 @@ class Roster:
             worker = self.ledger.records[worker_id]
             if self.contributions is not None and credited:
                 prompts = sorted({prompt_id(f.prompt_index) for f in failed})
-                self.contributions.record("revoked", worker_id, key=worker.key, samples=len(failed),
-                                          reason="logprob_mismatch", prompts=prompts)  # fmt: skip
+                self.contributions.record(
+                    "revoked",
+                    worker_id,
+                    key=worker.key,
+                    samples=len(failed),
+                    reason="logprob_mismatch",
+                    prompts=prompts,
+                )
             self.charge(worker, "logprob_mismatch", len(failed))
 
     def drop(self, identity: bytes, why: str) -> None:

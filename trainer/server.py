@@ -137,9 +137,12 @@ class SwarmServer:
         ones of new workers are checked meanwhile (`_screen_while_waiting`)."""
         trainer = self.config.trainer
         batch, stale = self.buffer.take(
-            trainer.prompts_per_step, self.version, trainer.max_staleness, timeout_s,
+            trainer.prompts_per_step,
+            self.version,
+            trainer.max_staleness,
+            timeout_s,
             minimum=1 if self.starved else None,
-        )  # fmt: skip
+        )
         if stale:
             with self._lock:
                 self.leases.requeue([group.prompt_index for group in stale])
@@ -414,9 +417,13 @@ class SwarmServer:
         log.warning("%s: lease %s rejected: %s", worker.worker_id, lease_id, refusal)
         if self.contributions is not None:
             self.contributions.record(
-                "rejected", worker.worker_id, key=worker.key, lease=lease_id,
-                reason=refusal.reason, samples=samples,
-            )  # fmt: skip
+                "rejected",
+                worker.worker_id,
+                key=worker.key,
+                lease=lease_id,
+                reason=refusal.reason,
+                samples=samples,
+            )
         self.roster.charge(worker, refusal.reason, samples)
         self._refuse(identity, lease_id, refusal)
 
