@@ -48,14 +48,17 @@ def score_completions(
     completions: list[str],
     columns: dict[str, list[Any]],
 ) -> Scores:
-    """Run each (name, function, weight) on the batch; `columns` are passed as keyword lists."""
+    """Run each (name, function, weight) on the batch. Everything goes by keyword, as TRL
+    passes it, so `def reward_len(completions, **kwargs)` works; `columns` as lists."""
     names = [name for name, _, _ in functions]
     if len(set(names)) != len(names):
         raise ValueError(f"reward function names must be unique, got {names}")
     scores = Scores(total=[0.0] * len(completions))
     for name, function, weight in functions:
         try:
-            rewards = check_rewards(function(prompts, completions, **columns), len(completions))
+            rewards = check_rewards(
+                function(prompts=prompts, completions=completions, **columns), len(completions)
+            )
         except Exception as e:
             error = traceback.format_exception_only(e)[-1].strip()
             logger.warning("reward function %s failed; None for this batch: %s", name, error)

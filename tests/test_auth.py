@@ -28,7 +28,7 @@ from swarmrl.protocol.auth import (
 from swarmrl.protocol.transport import Channel, make_dealer
 from swarmrl.trainer.leases import LeaseBook
 from swarmrl.trainer.server import SwarmServer
-from tests.conftest import FAST_RUN, swarmrl
+from tests.conftest import E2E_RECIPE, FAST_RUN, swarmrl
 
 HELLO = m.Hello(worker_name="w", backend="hf", software_version="test", max_prompts_per_lease=1)
 
@@ -273,6 +273,7 @@ def test_closed_local_run_trains(model_path: str, tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     process = swarmrl(
         "run",
+        E2E_RECIPE,
         *FAST_RUN,
         "--allow-keys",
         str(allow),

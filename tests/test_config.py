@@ -45,6 +45,16 @@ def test_no_recipe_means_the_arithmetic_recipe() -> None:
 # --- overrides ----------------------------------------------------------------------------
 
 
+def test_the_e2e_recipe_is_the_default_recipe_plus_a_length_reward() -> None:
+    from tests.conftest import E2E_RECIPE
+
+    default, e2e = load_config().model_dump(), load_config(E2E_RECIPE).model_dump()
+    length = {"function": "tests.trl_rewards:reward_len", "weight": 0.1}
+    assert e2e.pop("rewards") == [*default.pop("rewards"), length]
+    assert e2e.pop("recipe") != default.pop("recipe")
+    assert e2e == default
+
+
 def test_overrides_are_typed_by_the_field_they_set() -> None:
     arguments = [
         "--trainer.learning_rate",

@@ -215,6 +215,7 @@ def test_torchrun_serves_a_worker_checkpoints_and_resumes(model_path: str, tmp_p
     from swarmrl.base.models import load_model
     from swarmrl.trainer.checkpoint import load_latest
     from tests.conftest import (  # not in the ranks
+        E2E_RECIPE,
         FAST_RUN,
         free_port,
         start_worker,
@@ -246,6 +247,7 @@ def test_torchrun_serves_a_worker_checkpoints_and_resumes(model_path: str, tmp_p
     try:
         torchrun(
             "first",
+            E2E_RECIPE,
             *FAST_RUN,
             "--trainer.optimizer",
             "adamw",

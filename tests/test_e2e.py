@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_RUN, start_trainer, start_worker, swarmrl, wait_for_text
+from tests.conftest import E2E_RECIPE, FAST_RUN, start_trainer, start_worker, swarmrl, wait_for_text
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +33,7 @@ def test_run_trains_through_a_real_swarm(model_path: str, tmp_path: Path) -> Non
     log = tmp_path / "run.log"
     process = swarmrl(
         "run",
+        E2E_RECIPE,
         *FAST_RUN,
         "--trainer.max_steps",
         "2",
@@ -152,6 +153,7 @@ def test_ctrl_c_saves_and_stops_everything_then_resume_and_eval(
     log = tmp_path / "run.log"
     process = swarmrl(
         "run",
+        E2E_RECIPE,
         *FAST_RUN,
         "--trainer.max_steps",
         "50",

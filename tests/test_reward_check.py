@@ -56,6 +56,13 @@ def test_a_trial_keeps_nones_failed_calls_and_one_time_per_call() -> None:
     assert "RuntimeError: cannot score boom" in trace and "Traceback" in trace
 
 
+def test_a_trial_calls_a_trl_function_by_keyword() -> None:
+    from tests.trl_rewards import reward_len
+
+    trial = try_reward("len", reward_len, ["q", "q"], ["x" * 20, "x" * 10], {}, batch_size=2)
+    assert trial.failures == [] and trial.rewards == [0.0, -0.5]
+
+
 @pytest.mark.parametrize(
     ("returned", "problem"),
     [(["yes", 1.0], "returned a str, not a number or None"), ([1.0], "returned 1 rewards for 2")],
@@ -64,7 +71,9 @@ def test_what_training_could_never_use_is_an_error_naming_the_function(
     returned: list, problem: str
 ) -> None:
     with pytest.raises(RewardContractError) as caught:
-        try_reward("mine:fn", lambda p, c, **k: returned, ["q", "q"], ["a", "b"], {}, 2)
+        try_reward(
+            "mine:fn", lambda prompts, completions, **k: returned, ["q", "q"], ["a", "b"], {}, 2
+        )
     assert str(caught.value).startswith(f"reward function mine:fn {problem}")
 
 
@@ -88,7 +97,12 @@ def test_the_report_shows_each_score_with_examples_and_the_nones() -> None:
 def test_many_distinct_values_are_binned() -> None:
     values = [i / 99 for i in range(100)]
     trial = try_reward(
-        "spread", lambda p, c, **k: values[: len(c)], ["q"] * 100, ["c"] * 100, {}, 100
+        "spread",
+        lambda prompts, completions, **k: values[: len(completions)],
+        ["q"] * 100,
+        ["c"] * 100,
+        {},
+        100,
     )
     bars = [line for line in trial.report(examples=0).splitlines() if "#" in line]
     assert len(bars) == 10

@@ -219,6 +219,13 @@ def test_score_completions_weights_and_none() -> None:
     assert only_none.total == [0.0]
 
 
+def test_trl_functions_that_take_only_the_completions_are_called_by_keyword() -> None:
+    from tests.trl_rewards import reward_len  # TRL's quickstart: def reward_len(completions, ...)
+
+    scores = score_completions([("len", reward_len, 1.0)], ["p", "p"], ["x" * 20, "x" * 30], {})
+    assert scores.errors == {} and scores.total == [0.0, -0.5]
+
+
 def test_score_completions_nan_counts_as_none() -> None:
     scores = score_completions([("nan", constant(math.nan), 1.0)], ["p"], ["a"], {})
     assert scores.per_function == {"nan": [None]} and scores.total == [0.0]

@@ -154,9 +154,9 @@ class Swarm:
         assert run.metrics is not None
         run.metrics.write(step, stats)
         log.info(
-            "step %d reward %.3f loss %.4f grad %.2f len %.1f lag %.1f %.1fs (train %.1fs)",
+            "step %d reward %s loss %.4f grad %.2f len %.1f lag %.1f %.1fs (train %.1fs)",
             step,
-            reward,
+            f"{reward:.3f}" if scored else "- (none scored since the last step)",
             stats["loss"],
             stats["grad_norm"],
             stats["completion_length"],
