@@ -127,13 +127,13 @@ class Intake:
         self.unchecked.clear()
         return [g for g in groups if not records[g.worker_id].proven]
 
-    def credit(self, checked: list[ScoredGroup], failed: set[str]) -> None:
-        """Credit the groups without a spread that a log-prob check passed, of workers with no
-        group that `failed` it: they were honest work, held back only for want of proof."""
+    def credit(self, passed: list[ScoredGroup]) -> None:
+        """Credit the groups without a spread that a log-prob check `passed`: they were honest
+        work, held back only for want of proof."""
         assert self.ledger is not None
-        for group in checked:
+        for group in passed:
             record = self.ledger.records.get(group.worker_id)
-            if record is None or group.worker_id in failed:
+            if record is None:
                 continue
             samples = len(group.rewards)
             record.unscored -= samples

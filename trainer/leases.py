@@ -26,9 +26,11 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from swarmrl.base.config import Config
+from swarmrl.protocol import messages as m
 from swarmrl.protocol.refusals import Refused
 
 WAITING_WINDOW_S = 2.0  # a refusal older than this: that worker stopped asking
@@ -97,6 +99,23 @@ class LeaseBook:
             max_open_leases=config.swarm.max_open_leases,
             room=room,
             newcomer_room=max(trainer.prompts_per_step, room // 2),
+        )
+
+    def message(
+        self, lease: OpenLease, prompt: Callable[[int], tuple[str, list[int]]], generations: int
+    ) -> m.Lease:
+        """The Lease a worker is sent: each prompt's tokens (`prompt(i)` gives (text, ids))
+        with its seed, and the timeout every lease gets."""
+        prompts = [
+            m.LeasePrompt(prompt_id=prompt_id(i), token_ids=prompt(i)[1], seed=seed)
+            for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)
+        ]
+        return m.Lease(
+            lease_id=lease.lease_id,
+            policy_version=lease.policy_version,
+            num_generations=generations,
+            prompts=prompts,
+            deadline_s=self.lease_timeout_s,
         )
 
     def held(self, worker_id: str) -> int:

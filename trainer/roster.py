@@ -97,6 +97,22 @@ class Roster:
             len(dropped),
         )
 
+    def reject_submission(
+        self, worker: WorkerRecord, lease_id: str, samples: int, refusal: Refused
+    ) -> None:
+        """A submission failed the intake's checks: log it, record it, charge its worker."""
+        log.warning("%s: lease %s rejected: %s", worker.worker_id, lease_id, refusal)
+        if self.contributions is not None:
+            self.contributions.record(
+                "rejected",
+                worker.worker_id,
+                key=worker.key,
+                lease=lease_id,
+                reason=refusal.reason,
+                samples=samples,
+            )
+        self.charge(worker, refusal.reason, samples)
+
     def charge_mismatches(self, mismatches: list[LogprobMismatch], credited: bool = True) -> None:
         """Charge the workers whose sequences failed the log-prob check (`credited`: the
         samples were credited when accepted, so the contribution chain revokes them)."""
@@ -183,6 +199,27 @@ class Roster:
         self.leases.requeue([g.prompt_index for g in refused])
         self.charge_mismatches(failed)
         return None
+
+    def screened_while_waiting(
+        self,
+        waiting: list[ScoredGroup],
+        idle: list[ScoredGroup],
+        failed: list[LogprobMismatch],
+    ) -> list[ScoredGroup]:
+        """Settle a check run while the step waited: of new workers' buffered groups
+        (`waiting`), refused or put back as at a step, and of their uncredited groups without a
+        spread (`idle`), which only charge their workers. Returns the idle groups to credit:
+        those of workers none of whose groups failed."""
+        in_buffer = {(g.worker_id, g.prompt_index) for g in waiting}
+        failed_idle = [f for f in failed if (f.worker_id, f.prompt_index) not in in_buffer]
+        failing = {f.worker_id for f in failed_idle}  # never proven by their other groups
+        checked = [g for g in waiting + idle if g.worker_id not in failing]
+        passed = self.screened(waiting, checked, [f for f in failed if f not in failed_idle])
+        if passed is not None:
+            self.buffer.put_back(passed)
+        self.charge_mismatches(failed_idle, credited=False)
+        failed_workers = {f.worker_id for f in failed}
+        return [g for g in idle if g.worker_id not in failed_workers]
 
     def behind(self, version: int) -> list[str]:
         """Connected workers that do not hold `version`."""

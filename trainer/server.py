@@ -40,7 +40,7 @@ from swarmrl.trainer.buffer import GroupBuffer, ScoredGroup
 from swarmrl.trainer.contributions import ContributionLedger
 from swarmrl.trainer.egress import Egress
 from swarmrl.trainer.intake import Intake
-from swarmrl.trainer.leases import LeaseBook, NoRoom, prompt_id
+from swarmrl.trainer.leases import LeaseBook, NoRoom
 from swarmrl.trainer.ledger import Ledger, WorkerRecord
 from swarmrl.trainer.limits import Gate
 from swarmrl.trainer.logprob_check import LogprobMismatch
@@ -172,18 +172,9 @@ class SwarmServer:
         if not waiting and not idle:
             return
         failed = screen(waiting + idle)  # a forward pass: not under the lock
-        in_buffer = {(g.worker_id, g.prompt_index) for g in waiting}
-        failed_idle = [f for f in failed if (f.worker_id, f.prompt_index) not in in_buffer]
-        failing = {f.worker_id for f in failed_idle}  # never proven by their other groups
-        checked = [g for g in waiting + idle if g.worker_id not in failing]
         with self._lock:
-            passed = self.roster.screened(
-                waiting, checked, [f for f in failed if f not in failed_idle]
-            )
-            if passed is not None:
-                self.buffer.put_back(passed)
-            self.roster.charge_mismatches(failed_idle, credited=False)
-            self.intake.credit(idle, {f.worker_id for f in failed})
+            passed_idle = self.roster.screened_while_waiting(waiting, idle, failed)
+            self.intake.credit(passed_idle)
 
     @property
     def starved(self) -> bool:
@@ -383,22 +374,11 @@ class SwarmServer:
         if isinstance(lease, NoRoom):
             self._send(identity, m.NoWork(reason=lease.reason, retry_after_s=NO_WORK_RETRY_S))
             return
-        prompts = [
-            m.LeasePrompt(prompt_id=prompt_id(i), token_ids=self.intake.prompt(i)[1], seed=seed)
-            for i, seed in zip(lease.prompt_indices, lease.seeds, strict=True)
-        ]
-        leased = ",".join(p.prompt_id for p in prompts)
+        generations = self.config.sampling.num_generations
+        message = self.leases.message(lease, self.intake.prompt, generations)
+        leased = ",".join(p.prompt_id for p in message.prompts)
         log.debug("lease %s (%s) leased to %s", lease.lease_id, leased, worker.worker_id)
-        self._send(
-            identity,
-            m.Lease(
-                lease_id=lease.lease_id,
-                policy_version=lease.policy_version,
-                num_generations=self.config.sampling.num_generations,
-                prompts=prompts,
-                deadline_s=self.leases.lease_timeout_s,
-            ),
-        )
+        self._send(identity, message)
 
     def _submission(
         self, identity: bytes, worker: WorkerRecord, sub: m.Submission, now: float
@@ -407,25 +387,10 @@ class SwarmServer:
             self.intake.settle(sub, worker, self.version, now)
         except Refused as refusal:
             samples = sum(len(group.completions) for group in sub.groups)
-            self._reject(identity, worker, sub.lease_id, samples, refusal)
+            self.roster.reject_submission(worker, sub.lease_id, samples, refusal)
+            self._refuse(identity, sub.lease_id, refusal)
             return
         self._send(identity, m.Accept(lease_id=sub.lease_id))
-
-    def _reject(
-        self, identity: bytes, worker: WorkerRecord, lease_id: str, samples: int, refusal: Refused
-    ) -> None:
-        log.warning("%s: lease %s rejected: %s", worker.worker_id, lease_id, refusal)
-        if self.contributions is not None:
-            self.contributions.record(
-                "rejected",
-                worker.worker_id,
-                key=worker.key,
-                lease=lease_id,
-                reason=refusal.reason,
-                samples=samples,
-            )
-        self.roster.charge(worker, refusal.reason, samples)
-        self._refuse(identity, lease_id, refusal)
 
     def _expire(self, now: float) -> None:
         for identity in self.roster.drop_silent(now, self.config.swarm.heartbeat_timeout_s):
