@@ -133,15 +133,24 @@ def select(momentum: torch.Tensor, settings: DemoSettings) -> Selection:
 
 
 def dense(selection: Selection, shape: tuple[int, ...], chunk: int) -> torch.Tensor:
-    """The tensor the selected coefficients stand for, in float32 (error feedback: m -= this)."""
+    """The tensor the selected coefficients stand for, in float32 (error feedback: m -= this).
+
+    A coefficient v at frequency (i, j) stands for v * outer(h[i], w[j]), so a block with k
+    coefficients is a product of (bh x k) and (k x bw) matrices: for the usual small k, far
+    cheaper than scattering them into a full block and inverting its DCT."""
     import torch
 
     rows, cols = matrix_shape(shape)
     bh, bw = block_shape(shape, chunk)
-    coefficients = torch.zeros(len(selection.positions), bh * bw)
-    coefficients.scatter_(1, selection.positions, selection.values.float())
     h, w = dct_basis(bh).float(), dct_basis(bw).float()
-    blocks = h.T @ coefficients.reshape(-1, bh, bw) @ w
+    values = selection.values.float()
+    if selection.positions.shape[1] < bh + bw:
+        left = h[selection.positions // bw] * values[..., None]  # (blocks, k, bh)
+        blocks = left.transpose(1, 2) @ w[selection.positions % bw]  # (blocks, bh, bw)
+    else:
+        coefficients = torch.zeros(len(selection.positions), bh * bw)
+        coefficients.scatter_(1, selection.positions, values)
+        blocks = h.T @ coefficients.reshape(-1, bh, bw) @ w
     return from_blocks(blocks, rows, cols).reshape(shape)
 
 
