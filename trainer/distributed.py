@@ -162,7 +162,7 @@ def train_step_sharded(
     for _ in range(len(chunks) - len(work)):
         idle_pass(model, pad_id, reference)
     totals, mismatches = gather_over_ranks(totals, mismatches)
-    totals["grad_norm"] = apply_gradients(model, optimizer, config, version)
+    totals.update(apply_gradients(model, optimizer, config, version))
     totals["learning_rate"] = learning_rate(config.trainer, version)
     model.eval()
     return {**totals, **step_summary(sequences, normaliser)}, mismatches

@@ -13,6 +13,7 @@ that the sharded trainer (distributed.py) runs with each rank holding part of th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +160,7 @@ def train_step(
     totals, mismatches = accumulate_gradients(
         model, chunks, normaliser, config, pad_id, reference, old_store
     )
-    totals["grad_norm"] = apply_gradients(model, optimizer, config, version)
+    totals.update(apply_gradients(model, optimizer, config, version))
     totals["learning_rate"] = learning_rate(config.trainer, version)
     model.eval()
     return {**totals, **step_summary(sequences, normaliser)}, mismatches
@@ -320,18 +321,21 @@ def mask_logprob_mismatches(
     ]
 
 
-def apply_gradients(model: Any, optimizer: Any, config: Config, version: int) -> float:
+def apply_gradients(model: Any, optimizer: Any, config: Config, version: int) -> dict[str, float]:
     """Clip the accumulated gradients, step the optimizer at the scheduled learning rate of
-    step `version`, clear them; return the grad norm."""
+    step `version`, clear them; return the grad norm and the seconds this took (the
+    optimizer's share of a step: DeMo's transform and encoding happen here)."""
     import torch
 
+    started = time.monotonic()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.trainer.max_grad_norm)
     set_learning_rate(optimizer, config.trainer, version)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # Under FSDP the norm is a DTensor (already reduced over the ranks): take its full value.
     full = getattr(grad_norm, "full_tensor", None)
-    return float(full() if full is not None else grad_norm)
+    norm = float(full() if full is not None else grad_norm)
+    return {"grad_norm": norm, "optimizer_seconds": time.monotonic() - started}
 
 
 def step_summary(sequences: list[Sequence], normaliser: BatchNormaliser) -> dict[str, float]:
