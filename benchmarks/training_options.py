@@ -2,7 +2,7 @@
 
 One `swarmrl run` per row (trainer + 2 local workers, the default recipe, the same seed),
 back to back on this machine: held-out greedy accuracy before and after, seconds per step,
-the trainer process's peak RSS (sampled every 2 s), and the bytes of each weight update.
+the trainer process's peak RSS (sampled every second), and the bytes of each weight update.
 
     python benchmarks/training_options.py --steps 10 [--rows dapo,lora] [--keep]
 Prints a table and writes benchmarks/results/training_options.json; run folders are deleted
@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
+from processes import watch
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = {
@@ -68,18 +66,7 @@ def run(name: str, extra: list[str], steps: int, heldout: int, folder: Path) -> 
         slug(name),
         *extra,
     ]
-    log = (folder / f"{slug(name)}.console.log").open("w")
-    started = time.monotonic()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    watched, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(2)
-    if process.wait() != 0:
-        raise SystemExit(f"{name}: swarmrl run failed; see {log.name}")
+    usage = watch(command, folder / f"{slug(name)}.console.log")
     lines = [
         json.loads(x) for x in (folder / slug(name) / "metrics.jsonl").read_text().splitlines()
     ]
@@ -89,9 +76,9 @@ def run(name: str, extra: list[str], steps: int, heldout: int, folder: Path) -> 
         "heldout_before": evals[0]["accuracy"],
         "heldout_after": evals[-1]["accuracy"],
         "seconds_per_step": sum(x["step_seconds"] for x in train) / len(train),
-        "trainer_peak_rss_mb": round(peak / 2**20),
+        "trainer_peak_rss_mb": usage["trainer_peak_rss_mb"],
         "update_bytes": sorted({x["update_bytes"] for x in train}),
-        "wall_seconds": round(time.monotonic() - started),
+        "wall_seconds": round(usage["wall_s"]),
     }
 
 
