@@ -11,9 +11,10 @@ path (`mypkg.rewards:my_reward`).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
+
+from swarmrl.base.imports import import_object
 
 RewardFunction = Callable[..., list[float | None]]
 
@@ -43,21 +44,7 @@ def load_reward_function(spec: str) -> RewardFunction:
             )
         return REWARD_FUNCTIONS[spec]
 
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"bad reward function path {spec!r}; expected 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(
-            f"reward function {spec!r}: cannot import module {module_name!r}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    if not hasattr(module, attribute):
-        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no {attribute!r}")
-    function: Any = getattr(module, attribute)
+    function: Any = import_object(spec, "reward function")
     if not callable(function):
-        raise ValueError(
-            f"reward function {spec!r}: {attribute!r} is a {type(function).__name__}, not callable"
-        )
+        raise ValueError(f"reward function {spec!r} is a {type(function).__name__}, not callable")
     return function

@@ -1,8 +1,9 @@
 """The layers import one way, and no two source files import each other (directly or around a loop).
 
-base (config, models, logging) <- protocol, rewards <- trainer, rollout <- cli. Every import
-statement of every source file counts, inside functions too; only `if TYPE_CHECKING:` blocks
-(never run) are left out. The module graph is read from the files themselves with `ast`.
+base (config, models, logging) <- protocol, rewards <- environments <- trainer, rollout <- cli.
+Every import statement of every source file counts, inside functions too; only `if
+TYPE_CHECKING:` blocks (never run) are left out. The module graph is read from the files
+themselves with `ast`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ ALLOWED = {
     "base": set(),
     "protocol": {"base"},
     "rewards": {"base"},
-    "trainer": {"base", "protocol", "rewards"},
-    "rollout": {"base", "protocol", "rewards"},
-    "cli": {"base", "protocol", "rewards", "trainer", "rollout"},
+    "environments": {"base", "rewards"},
+    "trainer": {"base", "protocol", "rewards", "environments"},
+    "rollout": {"base", "protocol", "rewards", "environments"},
+    "cli": {"base", "protocol", "rewards", "environments", "trainer", "rollout"},
 }
 
 

@@ -200,6 +200,18 @@ class TrainerConfig(Section):
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
+class EnvironmentConfig(Section):
+    """A multi-turn environment: the model's turns alternate with the environment's replies."""
+
+    name: str = Field("tools", description="registered environment or package.module:Class")
+    tools: list[str] = Field(
+        default_factory=list, description="registered tool names or package.module:function"
+    )
+    max_turns: int = Field(3, ge=1, le=32, description="model turns per episode")
+    max_tool_output_chars: int = Field(1000, ge=1, le=100_000)
+    tool_timeout_s: float = Field(5.0, gt=0, le=300)
+
+
 class RewardConfig(Section):
     function: str = Field(description="registered name or package.module:function")
     weight: float = 1.0
