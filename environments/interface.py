@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from swarmrl.base.config import EnvironmentConfig
-from swarmrl.base.imports import import_object
+from swarmrl.base.imports import resolve
 
 ChatMessage = dict[str, Any]  # {"role": ..., "content": ...}, as chat templates take them
 
@@ -58,15 +58,8 @@ def register(cls: type[Environment]) -> type[Environment]:
 
 def make_environment(config: EnvironmentConfig) -> Environment:
     """The environment a recipe or run spec names, or ValueError saying what is missing."""
-    if ":" in config.name:
-        cls = import_object(config.name, "environment", "Class")
-        if not (isinstance(cls, type) and issubclass(cls, Environment)):
-            raise ValueError(f"environment {config.name!r} is not an Environment subclass")
-        return cls(config)
-    if config.name not in ENVIRONMENTS:
-        known = ", ".join(sorted(ENVIRONMENTS))
-        raise ValueError(
-            f"unknown environment {config.name!r}; registered: {known} (or give an import path "
-            "like 'mypkg.envs:MyEnvironment')"
-        )
-    return ENVIRONMENTS[config.name](config)
+    example = "mypkg.envs:MyEnvironment"
+    cls = resolve(config.name, ENVIRONMENTS, "environment", example, "Class")
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ValueError(f"environment {config.name!r} is not an Environment subclass")
+    return cls(config)

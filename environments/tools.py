@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarmrl.base.config import EnvironmentConfig
-from swarmrl.base.imports import import_object
+from swarmrl.base.imports import resolve
 from swarmrl.environments.interface import ChatMessage, Environment, register
 
 TOOLS: dict[str, Callable[..., Any]] = {}
@@ -49,14 +49,7 @@ def tool(function: Callable[..., Any] | None = None, *, deterministic: bool = Tr
 
 def load_tool(spec: str) -> Callable[..., Any]:
     """A registered tool name or `package.module:function` (which must be marked `@tool`)."""
-    if ":" not in spec:
-        if spec not in TOOLS:
-            raise ValueError(
-                f"unknown tool {spec!r}; registered: {', '.join(sorted(TOOLS))} (or give an "
-                "import path like 'mypkg.tools:search')"
-            )
-        return TOOLS[spec]
-    function = import_object(spec, "tool")
+    function = resolve(spec, TOOLS, "tool", "mypkg.tools:search", "function")
     if not callable(function) or not hasattr(function, "__swarmrl_tool__"):
         raise ValueError(f"tool {spec!r} is not marked with @swarmrl.environments.tool")
     return function

@@ -12,9 +12,8 @@ path (`mypkg.rewards:my_reward`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from swarmrl.base.imports import import_object
+from swarmrl.base.imports import resolve
 
 RewardFunction = Callable[..., list[float | None]]
 
@@ -35,16 +34,9 @@ def register(name: str) -> Callable[[RewardFunction], RewardFunction]:
 
 def load_reward_function(spec: str) -> RewardFunction:
     """The function a recipe names: a registered name or `package.module:function`."""
-    if ":" not in spec:
-        if spec not in REWARD_FUNCTIONS:
-            known = ", ".join(sorted(REWARD_FUNCTIONS))
-            raise ValueError(
-                f"unknown reward function {spec!r}; registered: {known} "
-                "(or give an import path like 'mypkg.rewards:my_reward')"
-            )
-        return REWARD_FUNCTIONS[spec]
-
-    function: Any = import_object(spec, "reward function")
+    function = resolve(
+        spec, REWARD_FUNCTIONS, "reward function", "mypkg.rewards:my_reward", "function"
+    )
     if not callable(function):
         raise ValueError(f"reward function {spec!r} is a {type(function).__name__}, not callable")
     return function
