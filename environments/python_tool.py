@@ -12,6 +12,8 @@ from __future__ import annotations
 from swarmrl.environments.tools import tool
 from swarmrl.rewards.sandbox import Limits, run_python
 
+TIMEOUT_S = 5.0
+
 
 @tool
 def python(code: str) -> str:
@@ -20,9 +22,9 @@ def python(code: str) -> str:
     Args:
         code: the program's source
     """
-    result = run_python(code, limits=Limits(timeout_s=5.0))
+    result = run_python(code, limits=Limits(timeout_s=TIMEOUT_S))
     if result.timed_out:
-        return f"{result.stdout}error: the program ran past 5 s"
+        return f"{result.stdout}error: the program ran past {TIMEOUT_S:g} s"
     if result.returncode != 0:
         last = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
         return f"{result.stdout}error: {last[0]}"
