@@ -1,4 +1,4 @@
-"""Protocol v2: every message the trainer and the rollout workers exchange.
+"""Protocol v3: every message the trainer and the rollout workers exchange.
 
 This module owns the schema and its limits. Each top-level message is a pydantic model with a
 `type` discriminator; `Message` is their tagged union and `MESSAGE_ADAPTER` validates untrusted
@@ -18,7 +18,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 # 2: Submission lost worker_rewards and Accept accepted_groups (nobody read them).
-PROTOCOL_VERSION = 2
+# 3: multi-turn episodes: RunSpec.environment, Completion.turn_lengths and replies.
+PROTOCOL_VERSION = 3
 
 MAX_PROMPTS_PER_LEASE = 256
 MAX_GENERATIONS = 64
@@ -29,6 +30,9 @@ MAX_REASON_CHARS = 2000
 MAX_ID_CHARS = 128
 MAX_MODEL_CHARS = 1024  # a Hub id or a local path
 MAX_STOP_STRINGS = 16
+MAX_TOOLS = 64
+MAX_TURNS = 32  # model turns per episode (config.EnvironmentConfig.max_turns has the same cap)
+MAX_REPLY_MESSAGES = 16  # environment messages in one reply (a turn's tool results)
 # Logprobs are <= 0; engines round, so allow a hair above zero.
 LOGPROB_EPSILON = 1e-4
 
@@ -76,6 +80,18 @@ class SamplingParams(_Model):
     logprobs_mode: Literal["processed"] = "processed"
 
 
+class EnvironmentSpec(_Model):
+    """The run's environment (config.EnvironmentConfig): a worker builds it by name."""
+
+    name: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)  # a name or an import path
+    tools: list[Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]] = Field(
+        max_length=MAX_TOOLS
+    )
+    max_turns: int = Field(ge=1, le=MAX_TURNS)
+    max_tool_output_chars: int = Field(ge=1, le=MAX_TEXT_CHARS)
+    tool_timeout_s: float = Field(gt=0, le=300)
+
+
 class RunSpec(_Model):
     """Trainer -> worker answer to Hello: what to run and the worker's trainer-assigned id."""
 
@@ -92,6 +108,8 @@ class RunSpec(_Model):
     weights_version: WeightsVersion
     # LoRA: the published weights are adapters; a worker merges W + adapter_scale * B @ A.
     adapter_scale: float | None = Field(default=None, gt=0)
+    # Multi-turn runs: completions are episodes, the environment's replies between model turns.
+    environment: EnvironmentSpec | None = None
 
 
 class WorkRequest(_Model):
@@ -126,16 +144,47 @@ class NoWork(_Model):
     retry_after_s: Seconds
 
 
+class ReplyMessage(_Model):
+    """One message of an environment's reply (a tool result), as the worker says."""
+
+    role: Name
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
 class Completion(_Model):
+    """One sample. In a multi-turn run, an episode: `token_ids` holds the model's turns and the
+    environment's replies in between (`turn_lengths`: model, environment, model, ...; the
+    environment's tokens carry log-prob 0), and `replies` the messages each reply rendered."""
+
     token_ids: list[TokenId] = Field(max_length=MAX_TOKENS_PER_SEQUENCE)
     logprobs: list[Logprob] = Field(max_length=MAX_TOKENS_PER_SEQUENCE)
     text: str = Field(max_length=MAX_TEXT_CHARS)
     finish_reason: Literal["stop", "length"]
+    turn_lengths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, max_length=2 * MAX_TURNS - 1
+    )
+    replies: list[list[ReplyMessage]] = Field(default_factory=list, max_length=MAX_TURNS - 1)
 
     @model_validator(mode="after")
-    def _one_logprob_per_token(self) -> "Completion":
+    def _consistent(self) -> "Completion":
         if len(self.logprobs) != len(self.token_ids):
             raise ValueError(f"{len(self.logprobs)} logprobs for {len(self.token_ids)} token ids")
+        if not self.turn_lengths:
+            if self.replies:
+                raise ValueError("replies without turn_lengths")
+            return self
+        if sum(self.turn_lengths) != len(self.token_ids):
+            raise ValueError(
+                f"turn_lengths add up to {sum(self.turn_lengths)}, not {len(self.token_ids)} tokens"
+            )
+        if len(self.turn_lengths) % 2 == 0:
+            raise ValueError("an episode starts and ends with a model turn: odd turn_lengths")
+        if len(self.replies) != len(self.turn_lengths) // 2:
+            raise ValueError(
+                f"{len(self.replies)} replies for {len(self.turn_lengths) // 2} environment turns"
+            )
+        if any(not 1 <= len(reply) <= MAX_REPLY_MESSAGES for reply in self.replies):
+            raise ValueError(f"a reply holds 1..{MAX_REPLY_MESSAGES} messages")
         return self
 
 

@@ -40,6 +40,12 @@ REASONS: dict[str, bool] = {
     "bad_token": True,
     "text_mismatch": True,
     "duplicate": True,
+    # a multi-turn episode: the trainer re-runs its environment (trainer/episodes.py)
+    "tool_output_mismatch": True,
+    "environment_tokens_mismatch": True,
+    "extra_turn": True,
+    "too_many_turns": True,
+    "episode_cut_short": True,
     # the training thread's log-prob check (logprob_check.py)
     "logprob_mismatch": True,
     # the trainer's own failure on a message

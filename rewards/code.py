@@ -29,7 +29,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from swarmrl.rewards.registry import register
+from swarmrl.rewards.registry import completion_text, register
 from swarmrl.rewards.sandbox import Limits, RunResult, run_many
 
 DEFAULT_LIMITS = Limits()
@@ -187,7 +187,7 @@ def _score(
     completions: list[str], columns: dict[str, list[Any]], all_or_nothing: bool
 ) -> list[float | None]:
     rows = [{key: values[i] for key, values in columns.items()} for i in range(len(completions))]
-    programs = [extract_program(completion) for completion in completions]
+    programs = [extract_program(completion_text(c)) for c in completions]
     return score_programs(programs, [task_tests(row) for row in rows], all_or_nothing)
 
 
@@ -210,5 +210,5 @@ def code_block_format(prompts: list[str], completions: list[str], **kwargs: Any)
     """1.0 when the completion has a closed, non-empty ```python (or untagged) block."""
     return [
         float(any(t.lower() in PYTHON_TAGS and c.strip() for t, c in _CLOSED_FENCE.findall(text)))
-        for text in completions
+        for text in map(completion_text, completions)
     ]

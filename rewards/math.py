@@ -19,7 +19,7 @@ import threading
 from decimal import Decimal
 from typing import Any
 
-from swarmrl.rewards.registry import register
+from swarmrl.rewards.registry import completion_text, register
 
 # A number; commas only as thousands separators ("1,000", not the "3,4" of a list).
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
@@ -119,7 +119,7 @@ def math_accuracy(
     timeout = PARSE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     golds: dict[str, list[Any]] = {}
     rewards: list[float | None] = []
-    for completion, gold in zip(completions, answer, strict=True):
+    for completion, gold in zip(map(completion_text, completions), answer, strict=True):
         if gold not in golds:
             golds[gold] = _parse(str(gold), timeout)
         if not golds[gold]:
@@ -146,7 +146,7 @@ def integer_match(
     None where the gold answer is not an integer.
     """
     rewards: list[float | None] = []
-    for completion, gold in zip(completions, answer, strict=True):
+    for completion, gold in zip(map(completion_text, completions), answer, strict=True):
         try:
             target = int(str(gold).replace(",", "").strip())
         except ValueError:

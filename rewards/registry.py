@@ -4,6 +4,9 @@ A reward function has TRL's signature, so TRL reward functions drop in:
 `f(prompts: list[str], completions: list[str], **columns) -> list[float | None]`, where
 `columns` holds the dataset's per-sample lists (e.g. `answer`) plus `completion_ids`. It must
 accept and ignore columns it does not use; `None` means "not applicable to this sample".
+In a multi-turn run each completion is the episode's conversation after the prompt (TRL's
+conversational format: a list of {"role", "content"} messages, tool results included); the
+built-in rewards judge its last assistant message (`completion_text`).
 
 A recipe names a function either by its registered name (`math_accuracy`) or by an import
 path (`mypkg.rewards:my_reward`).
@@ -12,12 +15,21 @@ path (`mypkg.rewards:my_reward`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from swarmrl.base.imports import resolve
 
 RewardFunction = Callable[..., list[float | None]]
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """A completion's text: itself, or a conversation's last assistant message."""
+    if isinstance(completion, str):
+        return completion
+    said = [m.get("content") or "" for m in completion if m.get("role") == "assistant"]
+    return said[-1] if said else ""
 
 
 def register(name: str) -> Callable[[RewardFunction], RewardFunction]:

@@ -1,6 +1,7 @@
 """The inference-backend interface every rollout engine implements, and its engine options.
 
-A backend owns one model copy and answers two questions: "sample `n` completions for each of
+A backend owns one model copy (and its `tokenizer`, which multi-turn episodes render the
+environment's replies with) and answers two questions: "sample `n` completions for each of
 these token-id prompts, with per-token log-probs of the sampled tokens under the sampling
 distribution" and "replace your weights with these tensors, in place". The worker loop knows
 nothing else about the engine. Backends are registered in backends.py.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from swarmrl.base.generation import Sample
 
@@ -34,6 +35,7 @@ class EngineOptions:
 
 class InferenceBackend(ABC):
     name: ClassVar[str]
+    tokenizer: Any  # the model's Hugging Face tokenizer
 
     @classmethod
     def available(cls) -> bool:

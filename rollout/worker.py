@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmrl import __version__
+from swarmrl.base.config import EnvironmentConfig
 from swarmrl.base.models import pick_device, resolve_model
+from swarmrl.environments import Environment, make_environment
 from swarmrl.protocol import messages as m
 from swarmrl.protocol.auth import CurveClient
 from swarmrl.protocol.codecs.interface import PayloadError
@@ -70,6 +72,7 @@ class Worker:
         self.channel: Channel | None = None
         self.spec: m.RunSpec | None = None
         self.backend: Any = None
+        self.environment: Environment | None = None  # a multi-turn run's, from the run spec
         self.replica: Replica | None = None
         self.version = -1
         self.trainer_version = -1  # as last heard from the trainer
@@ -163,6 +166,7 @@ class Worker:
             if (spec.model, spec.dtype) != (self.spec.model, self.spec.dtype):
                 self.backend = None
         self.spec = spec
+        self.environment = self._make_environment(spec.environment)
         self.trainer_version = spec.weights_version
         where = f"{self.options.connect} as {spec.worker_id} (run {spec.run_id}"
         log.info("connected to %s, trainer at version %d)", where, spec.weights_version)
@@ -171,6 +175,16 @@ class Worker:
             self.replica = Replica(resolve_model(spec.model), spec.dtype, spec.adapter_scale)
             # Version 0 is the model's own weights, unless they are LoRA adapters: ask for them.
             self.version = -1 if spec.adapter_scale else 0
+
+    @staticmethod
+    def _make_environment(spec: m.EnvironmentSpec | None) -> Environment | None:
+        """The run's environment, or exit saying what this machine lacks to run it."""
+        if spec is None:
+            return None
+        try:
+            return make_environment(EnvironmentConfig.model_validate(spec.model_dump()))
+        except Exception as e:
+            raise SystemExit(f"this worker cannot run the run's environment: {e}") from None
 
     def _load_backend(self, spec: m.RunSpec) -> Any:
         from swarmrl.rollout.backends import make_backend
@@ -354,7 +368,9 @@ class Worker:
         if not self.requested and not self.inbox and not last:
             self._request_work()  # the engine should not sit idle on the network
         try:
-            groups = self._in_background(sample_groups, self.backend, lease, self.spec.sampling)
+            groups = self._in_background(
+                sample_groups, self.backend, lease, self.spec.sampling, self.environment
+            )
         except TrainerGone:
             raise
         except Exception:  # the engine failed on this lease: let it expire, keep working

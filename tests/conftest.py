@@ -152,9 +152,11 @@ def swarm(tokenizer: Any) -> Iterator[Callable[..., Any]]:
 
     started: list[SwarmServer] = []
 
-    def start(**swarm: Any) -> SwarmServer:
+    def start(environment: dict[str, Any] | None = None, **swarm: Any) -> SwarmServer:
+        """`environment`: a multi-turn run with that environment (episodes of 64 tokens)."""
         config = Config(
-            sampling={"num_generations": 2, "max_completion_length": 16},
+            environment=environment,
+            sampling={"num_generations": 2, "max_completion_length": 64 if environment else 16},
             trainer={"prompts_per_step": 2, "max_staleness": 1},
             swarm={
                 "prompts_per_lease": 1,

@@ -235,7 +235,7 @@ def test_prompt_text_chat_template() -> None:
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What is 2 + 3? Go."},
             ],
-            {"tokenize": False, "add_generation_prompt": True},
+            {"tools": None, "tokenize": False, "add_generation_prompt": True},
         )
     ]
 
@@ -314,7 +314,11 @@ def test_trl_conversational_prompts_load_as_they_are(
     tokenizer = FakeTokenizer()
     text = prompt_text(DataConfig(), tokenizer, task.question)
     assert text == "<system>Answer with a number.</system><user>What is 2 + 3?</user><assistant>"
-    assert tokenizer.calls[0][1] == {"tokenize": False, "add_generation_prompt": True}
+    assert tokenizer.calls[0][1] == {
+        "tools": None,
+        "tokenize": False,
+        "add_generation_prompt": True,
+    }
 
 
 def test_trl_standard_prompts_are_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -213,3 +213,39 @@ def test_ctrl_c_saves_and_stops_everything_then_resume_and_eval(
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert re.search(r"held-out greedy accuracy: [01]\.\d{3} on 4 prompts", evaluated.stdout)
+
+
+def test_tool_recipe_trains_on_verified_episodes(tmp_path: Path) -> None:
+    """`swarmrl run recipes/calculator.toml`: two workers run calculator episodes, the trainer
+    re-runs every tool call before it trains on them, and the greedy evaluation is multi-turn."""
+    recipe = str(Path(__file__).parent.parent / "recipes" / "calculator.toml")
+    log = tmp_path / "run.log"
+    process = swarmrl(
+        "run",
+        recipe,
+        *FAST_RUN,
+        "--sampling.max_completion_length",
+        "48",
+        "--trainer.max_steps",
+        "2",
+        "--eval.after=true",
+        "--eval.heldout_size",
+        "4",
+        "--logging.run_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        "tools",
+        log=log,
+    )
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    folder = tmp_path / "tools"
+    steps = metrics(folder, "train")
+    assert [s["step"] for s in steps] == [1, 2]
+    # Episodes: the environment wrote part of every step's tokens, kept out of the loss.
+    assert all(0 < s["environment_token_fraction"] < 1 and s["model_turns"] > 1 for s in steps)
+    assert all(0 < s["episode_check_seconds"] < s["step_seconds"] for s in steps)
+    (final,) = metrics(folder, "eval")
+    assert final["model_turns"] > 1
+    workers = json.loads((folder / "workers.json").read_text())["workers"]
+    assert set(workers) == {"worker-1", "worker-2"}
+    assert all(w["samples"] > 0 and w["faults"] == 0 for w in workers.values())

@@ -311,7 +311,9 @@ def test_an_old_protocol_version_is_refused_with_a_clear_message(
     old.send_frames([frame])
     refused = old.receive()
     assert isinstance(refused, m.Reject) and refused.reason == "bad_version", refused
-    assert re.search(r"protocol version 2 expected, received 1", refused.detail), refused.detail
+    assert re.search(
+        rf"protocol version {m.PROTOCOL_VERSION} expected, received 1", refused.detail
+    ), refused.detail
 
 
 def test_a_worker_without_a_copy_rebuilds_from_the_base_and_the_chain(

@@ -27,6 +27,8 @@ class ScoredGroup:
     worker_id: str
     policy_version: int
     truncated: list[bool] = field(default_factory=list)  # cut off at the length limit
+    # Episodes: model, environment, model, ... token counts per completion ([] single-turn).
+    turn_lengths: list[list[int]] = field(default_factory=list)
 
     def has_signal(self) -> bool:
         return max(self.rewards) > min(self.rewards)

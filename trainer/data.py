@@ -10,7 +10,8 @@ question, so a resumed run continues exactly where it stopped. Two sources:
   (conversational, with its own system message), no answer column needed; every other column
   goes to the reward functions.
 Prompt text comes from `prompt_template`, wrapped in the tokenizer's chat template for
-instruct models or used as is for base models.
+instruct models (after the system prompt and the few-shot `examples`; in a multi-turn run, as
+the environment opens the episode, with its tools' schemas) or used as is for base models.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmrl.base.config import DataConfig
+from swarmrl.environments import Environment
 
 OPERATIONS: dict[str, Callable[[int, int], int]] = {
     "+": operator.add,
@@ -157,26 +159,36 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def prompt_text(config: DataConfig, tokenizer: Any, question: str | list[dict[str, Any]]) -> str:
+def prompt_text(
+    config: DataConfig,
+    tokenizer: Any,
+    question: str | list[dict[str, Any]],
+    environment: Environment | None = None,
+) -> str:
     """The exact text the model continues: chat template for instruct models, else plain. A
     conversation (TRL's format, its own system message included) goes through the chat
-    template as it is."""
+    template as it is; an `environment` opens the episode from the messages."""
     if is_conversation(question):
-        if tokenizer.chat_template is None:
-            raise ValueError("data: a conversational prompt needs a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
-    user = config.prompt_template.format(question=question)
-    if not config.use_chat_template:
-        return user if config.system_prompt is None else f"{config.system_prompt}\n\n{user}"
+        messages = list(question)
+    else:
+        user = config.prompt_template.format(question=question)
+        if not config.use_chat_template:
+            return user if config.system_prompt is None else f"{config.system_prompt}\n\n{user}"
+        system = [] if config.system_prompt is None else [config.system_prompt]
+        messages = [{"role": "system", "content": text} for text in system]
+        messages += [*config.examples, {"role": "user", "content": user}]
     if tokenizer.chat_template is None:
         raise ValueError(
-            "data.use_chat_template is true but the tokenizer has no chat template; "
+            "data: chat messages need a tokenizer with a chat template; "
             "set data.use_chat_template = false for a base model"
         )
-    messages = [{"role": "user", "content": user}]
-    if config.system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": config.system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tools = None
+    if environment is not None:
+        messages = environment.initial_messages(messages)
+        tools = environment.tool_schemas() or None
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
 
 
 def prompt_token_ids(config: DataConfig, tokenizer: Any, text: str) -> list[int]:

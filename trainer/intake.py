@@ -3,7 +3,8 @@ credit.
 
 Runs on the server's network thread. `settle` closes the lease the worker held, `admit`s the
 submission (checks.check_submission, the ReplayGuard against everything accepted before, and
-scoring with the trainer's reward functions on the trainer's own decoding of the token ids),
+scoring with the trainer's reward functions on the trainer's own decoding of the token ids;
+in a multi-turn run, on the conversation episodes.py rebuilt by re-running the environment),
 buffers the groups with a reward spread, credits the worker in the ledger and records the
 verdict in the contribution chain. From a worker not yet proven honest, groups without a
 spread earn no credit and their prompts are leased again later (LeaseBook.defer); the last
@@ -18,12 +19,14 @@ from collections import deque
 from typing import Any
 
 from swarmrl.base.config import Config
+from swarmrl.environments import make_environment
 from swarmrl.protocol.messages import Submission
 from swarmrl.rewards import score_completions
 from swarmrl.trainer.buffer import GroupBuffer, ScoredGroup
 from swarmrl.trainer.checks import ReplayGuard, check_submission
 from swarmrl.trainer.contributions import ContributionLedger
 from swarmrl.trainer.data import prompt_text, prompt_token_ids
+from swarmrl.trainer.episodes import EpisodeChecker
 from swarmrl.trainer.grpo import overlong_penalty
 from swarmrl.trainer.leases import LeaseBook, OpenLease, prompt_id
 from swarmrl.trainer.ledger import Ledger, WorkerRecord
@@ -47,6 +50,12 @@ class Intake:
         self.reward_functions = reward_functions
         self.replays = ReplayGuard()
         self.end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        self.environment = None
+        self.episodes: EpisodeChecker | None = None  # a multi-turn run's verifier
+        if config.environment is not None:
+            self.environment = make_environment(config.environment)
+            limit = config.sampling.max_completion_length
+            self.episodes = EpisodeChecker(self.environment, tokenizer, limit)
         self.reward_log: list[float] = []  # every scored sample's reward since the last take
         self.groups_scored = self.groups_without_spread = 0  # since the last take
         self._prompts: dict[int, tuple[str, list[int]]] = {}
@@ -155,7 +164,8 @@ class Intake:
         """Prompt `index` of the stream as (text, token ids)."""
         cached = self._prompts.get(index)
         if cached is None:
-            text = prompt_text(self.config.data, self.tokenizer, self.tasks.train(index).question)
+            question = self.tasks.train(index).question
+            text = prompt_text(self.config.data, self.tokenizer, question, self.environment)
             cached = (text, prompt_token_ids(self.config.data, self.tokenizer, text))
             self._prompts[index] = cached
         return cached
@@ -171,7 +181,10 @@ class Intake:
         """The submission's groups, scored; raises Refused with the reject reason. Without
         `keep_idle`, groups without a reward spread are not kept as done: their prompts will
         be leased again, so their completions are not remembered as accepted either."""
+        texts: list[list[Any]]
         texts = check_submission(submission, lease, self.config, current_version, self.tokenizer)
+        if self.episodes is not None:  # the rewards score the verified conversations
+            texts = [[self.episodes.check(c) for c in g.completions] for g in submission.groups]
         self.replays.check(submission, lease.prompt_indices)
         groups = self._score(lease, submission, texts, worker_id)
         done = [g.prompt_index for g in groups if keep_idle or g.has_signal()]
@@ -180,13 +193,21 @@ class Intake:
             self._prompts.pop(index, None)
         return groups
 
+    def take_episode_check_seconds(self) -> float | None:
+        """Seconds spent verifying episodes (re-running the environment) since the last take;
+        None in a single-turn run."""
+        if self.episodes is None:
+            return None
+        seconds, self.episodes.seconds = self.episodes.seconds, 0.0
+        return seconds
+
     def take_rewards(self) -> list[float]:
         rewards, self.reward_log = self.reward_log, []
         self.groups_scored = self.groups_without_spread = 0
         return rewards
 
     def _score(
-        self, lease: OpenLease, sub: Submission, texts: list[list[str]], worker_id: str
+        self, lease: OpenLease, sub: Submission, texts: list[list[Any]], worker_id: str
     ) -> list[ScoredGroup]:
         prompts, completions, columns = [], [], {"answer": []}
         for index, group_texts in zip(lease.prompt_indices, texts, strict=True):
@@ -222,6 +243,7 @@ class Intake:
                 worker_id=worker_id,
                 policy_version=sub.policy_version,
                 truncated=cut[k * size : (k + 1) * size],
+                turn_lengths=[c.turn_lengths for c in group.completions],
             )
             for k, (index, group) in enumerate(zip(lease.prompt_indices, sub.groups, strict=True))
         ]

@@ -126,6 +126,7 @@ class TrainingRun:
             "accuracy": result.accuracy,
             "count": result.count,
             "completion_length": result.mean_completion_tokens,
+            "model_turns": result.mean_model_turns,
         }
         self.metrics.write(self.step, values, kind="eval")
         log.info(

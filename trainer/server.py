@@ -209,6 +209,10 @@ class SwarmServer:
         with self._lock:
             return self.intake.groups_scored, self.intake.groups_without_spread
 
+    def take_episode_check_seconds(self) -> float | None:
+        with self._lock:
+            return self.intake.take_episode_check_seconds()
+
     def take_rewards(self) -> list[float]:
         """Rewards of every sample scored since the last call."""
         with self._lock:

@@ -14,11 +14,12 @@ that the sharded trainer (distributed.py) runs with each rank holding part of th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from swarmrl.base.config import Config
 from swarmrl.trainer.buffer import ScoredGroup
+from swarmrl.trainer.episodes import model_token_mask
 from swarmrl.trainer.grpo import (
     BatchNormaliser,
     LossConfig,
@@ -46,7 +47,18 @@ class Sequence:
     lag: int = 0  # trainer version minus the version it was sampled with
     truncated: bool = False  # cut off at max_completion_length
     masked: bool = False  # no loss (mask_truncated_completions)
+    # Per completion token: 1.0 if the model sampled it, 0.0 if the environment wrote it (it
+    # stays in the forward pass's context, out of the loss and the log-prob check).
+    sampled: list[float] = field(default_factory=list)
     position: int = -1  # in the step's length-sorted order: keys its log-probs across iterations
+
+    def model_mask(self) -> list[float]:
+        return self.sampled or [1.0] * len(self.completion)
+
+    def model_turns(self) -> int:
+        """How many turns the model took: runs of its tokens."""
+        mask = self.model_mask()
+        return sum(1 for i, v in enumerate(mask) if v and (i == 0 or not mask[i - 1]))
 
 
 def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Sequence]:
@@ -59,8 +71,9 @@ def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Seq
     sequences, k = [], 0
     for group in groups:
         truncated = group.truncated or [False] * len(group.rewards)
-        for ids, logprobs, cut in zip(
-            group.completion_token_ids, group.behavior_logprobs, truncated, strict=True
+        turns = group.turn_lengths or [[] for _ in group.rewards]
+        for ids, logprobs, cut, lengths in zip(
+            group.completion_token_ids, group.behavior_logprobs, truncated, turns, strict=True
         ):
             sequences.append(
                 Sequence(
@@ -73,6 +86,7 @@ def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Seq
                     version - group.policy_version,
                     truncated=cut,
                     masked=cut and mask_truncated,
+                    sampled=model_token_mask(len(ids), lengths),
                 )
             )
             k += 1
@@ -108,7 +122,8 @@ def pad_batch(sequences: list[Sequence], pad_id: int, device: Any) -> dict[str, 
         left, right = prompt_width - len(s.prompt), completion_width - len(s.completion)
         ids.append([pad_id] * left + s.prompt + s.completion + [pad_id] * right)
         attention.append([0] * left + [1] * (len(s.prompt) + len(s.completion)) + [0] * right)
-        mask.append([0.0 if s.masked else 1.0] * len(s.completion) + [0.0] * right)
+        mask.append([0.0] * len(s.completion) if s.masked else s.model_mask())
+        mask[-1] += [0.0] * right
         behavior.append(s.behavior_logprobs + [0.0] * right)
     attention_mask = torch.tensor(attention, device=device)
     return {
@@ -176,10 +191,11 @@ def step_sequences(groups: list[ScoredGroup], config: Config, version: int) -> l
 
 def step_normaliser(sequences: list[Sequence]) -> BatchNormaliser:
     """Whole-step counts: each micro-batch's loss is divided by these, wherever it runs (the
-    tokens of sequences masked for truncation do not count, as in TRL)."""
+    tokens of sequences masked for truncation do not count, as in TRL, nor do environment
+    tokens)."""
     return BatchNormaliser(
         num_sequences=len(sequences),
-        num_tokens=sum(len(s.completion) for s in sequences if not s.masked),
+        num_tokens=int(sum(sum(s.model_mask()) for s in sequences if not s.masked)),
     )
 
 
@@ -344,4 +360,9 @@ def step_summary(sequences: list[Sequence], normaliser: BatchNormaliser) -> dict
         "completion_tokens": float(normaliser.num_tokens),
         "completion_length": sum(len(s.completion) for s in sequences) / max(len(sequences), 1),
         "truncated_fraction": sum(s.truncated for s in sequences) / max(len(sequences), 1),
+        "model_turns": sum(s.model_turns() for s in sequences) / max(len(sequences), 1),
+        # Of the completions' tokens, those an environment wrote (0 in a single-turn run).
+        "environment_token_fraction": 1.0
+        - sum(sum(s.model_mask()) for s in sequences)
+        / max(sum(len(s.completion) for s in sequences), 1),
     }

@@ -150,6 +150,10 @@ class Swarm:
             workers_connected=sum(w["connected"] for w in workers.values()),
             policy_lag=sum(step - 1 - g.policy_version for g in batch) / len(batch),
         )
+        check_seconds = self.server.take_episode_check_seconds()
+        if check_seconds is not None:  # re-running the environment, on the network thread
+            stats["episode_check_seconds"] = check_seconds
+            stats["episode_check_fraction"] = check_seconds / stats["step_seconds"]
         self.last_step_at = now
         assert run.metrics is not None
         run.metrics.write(step, stats)

@@ -70,6 +70,11 @@ class DataConfig(Section):
     use_chat_template: bool = True
     system_prompt: str | None = None
     prompt_template: str = "{question}"
+    examples: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="few-shot chat messages ({role, content}) between the system prompt and "
+        "the question, for a model that must see a format (a tool call) before it writes one",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -81,6 +86,16 @@ class DataConfig(Section):
                 raise ValueError(f"data.{name}: lower bound {low} exceeds upper bound {high}")
         if "{question}" not in self.prompt_template:
             raise ValueError("data.prompt_template must contain '{question}'")
+        for number, message in enumerate(self.examples):
+            if set(message) != {"role", "content"}:
+                raise ValueError(f"data.examples[{number}]: a message is {{role, content}}")
+            if message["role"] not in ("user", "assistant", "tool"):
+                raise ValueError(
+                    f"data.examples[{number}].role: {message['role']!r} is not user, "
+                    "assistant or tool"
+                )
+        if self.examples and not self.use_chat_template:
+            raise ValueError("data.examples are chat messages: they need use_chat_template")
         return self
 
 
@@ -207,7 +222,7 @@ class EnvironmentConfig(Section):
     tools: list[str] = Field(
         default_factory=list, description="registered tool names or package.module:function"
     )
-    max_turns: int = Field(3, ge=1, le=32, description="model turns per episode")
+    max_turns: int = Field(3, ge=1, le=32, description="model turns per episode (protocol cap)")
     max_tool_output_chars: int = Field(1000, ge=1, le=100_000)
     tool_timeout_s: float = Field(5.0, gt=0, le=300)
 
@@ -335,10 +350,15 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    environment: EnvironmentConfig | None = Field(
+        None, description="multi-turn episodes (tool calls); unset: one completion per sample"
+    )
     recipe: str = Field("", description="where this config came from (set by the loader)")
 
     @model_validator(mode="after")
     def _check_rewards(self) -> Config:
         if not self.rewards:
             raise ValueError("rewards: at least one reward function is required")
+        if self.environment is not None and not self.data.use_chat_template:
+            raise ValueError("environment: multi-turn episodes need data.use_chat_template")
         return self
