@@ -97,8 +97,6 @@ class ToolEnvironment(Environment):
 
     def __init__(self, config: EnvironmentConfig) -> None:
         super().__init__(config)
-        if not config.tools:
-            raise ValueError("environment.tools: the tools environment needs at least one tool")
         self.tools = {}
         for spec in config.tools:
             function = load_tool(spec)

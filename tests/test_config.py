@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
 def test_shipped_recipes_load_with_the_values_written_in_them() -> None:
     import tomllib
 
-    for name in ("arithmetic", "gsm8k"):
+    for name in ("arithmetic", "gsm8k", "calculator", "gsm8k_python"):
         config = load_config(name)
         assert Path(config.recipe).name == f"{name}.toml"
         written = tomllib.loads(Path(config.recipe).read_text())
@@ -316,3 +316,18 @@ def test_override_below_a_scalar_is_a_config_error() -> None:
 def test_numeric_looking_override_for_a_string_field() -> None:
     config = load_config("arithmetic", ["--logging.run_name", "2024"])
     assert config.logging.run_name == "2024"
+
+
+def test_the_optional_environment_section_takes_overrides_and_checks_its_keys(
+    tmp_path: Path,
+) -> None:
+    config = load_config("calculator", ["--environment.max_turns", "3"])
+    assert config.environment is not None and config.environment.max_turns == 3
+    with pytest.raises(ConfigError, match=r"did you mean 'environment\.max_turns'"):
+        load_config("calculator", ["--environment.max_turn", "3"])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[environment]\ntools = ["multiply"]\nmax_tunrs = 2\n')
+    with pytest.raises(ConfigError, match=r"r\.toml: unknown key 'environment\.max_tunrs'"):
+        load_config(str(recipe))
+    with pytest.raises(ConfigError, match="needs at least one tool"):
+        load_config(None, ["--environment.max_turns", "2"])  # a tools environment without tools

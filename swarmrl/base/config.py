@@ -226,6 +226,12 @@ class EnvironmentConfig(Section):
     max_tool_output_chars: int = Field(1000, ge=1, le=100_000)
     tool_timeout_s: float = Field(5.0, gt=0, le=300)
 
+    @model_validator(mode="after")
+    def _check_tools(self) -> EnvironmentConfig:
+        if self.name == "tools" and not self.tools:
+            raise ValueError("environment.tools: the tools environment needs at least one tool")
+        return self
+
 
 class RewardConfig(Section):
     function: str = Field(description="registered name or package.module:function")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import json
 import tomllib
+import types
+import typing
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -143,14 +145,24 @@ def _typed_value(key: str, raw: str) -> Any:
                 return tomllib.loads(f"value = {raw}")["value"]
             except tomllib.TOMLDecodeError:
                 return raw
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            section = ".".join(parts[: depth + 1])
+        section = _section(annotation)
+        if section is None:
+            path = ".".join(parts[: depth + 1])
             raise ConfigError(
-                f"command line: {key!r}: {section!r} is not a section; "
+                f"command line: {key!r}: {path!r} is not a section; "
                 "set lists such as [[rewards]] in the recipe file"
             )
-        model = annotation
+        model = section
     raise AssertionError("unreachable")
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds (`X` or an optional `X | None`), or None."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in (annotation, *(typing.get_args(annotation) if optional else ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _assign(data: dict[str, Any], key: str, value: Any) -> None:
@@ -168,13 +180,9 @@ def _check_keys(
     for key, value in data.items():
         if key not in fields:
             raise unknown_key(source, prefix + key, key, fields, prefix)
-        annotation = fields[key].annotation
-        if (
-            isinstance(value, dict)
-            and isinstance(annotation, type)
-            and issubclass(annotation, BaseModel)
-        ):
-            _check_keys(value, annotation, source, f"{prefix}{key}.")
+        section = _section(fields[key].annotation)
+        if isinstance(value, dict) and section is not None:
+            _check_keys(value, section, source, f"{prefix}{key}.")
 
 
 def _describe(error: ValidationError, path: str, override_keys: set[str]) -> str:
