@@ -3,7 +3,9 @@ rendering of a reply, and the multi-turn episode loop, on the real tiny model's 
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -195,3 +197,41 @@ def test_the_python_tool_runs_in_the_sandbox() -> None:
     assert escaped.startswith("error: ")
     network = python("import socket; socket.create_connection(('1.1.1.1', 53), timeout=1)")
     assert network.startswith("error: ")
+
+
+def test_the_gpu_python_recipe_loads_offline_and_answers_qwen_style_calls(tokenizer: Any) -> None:
+    """recipes/gsm8k_python.toml on the GSM8K fixture: its tasks, its prompt with the tool, a
+    tool call as Qwen writes it run in the sandbox, and the math reward on the conversation."""
+    from swarmrl.base.recipes import load_config
+    from swarmrl.rewards import load_reward_function
+    from swarmrl.rewards.sandbox import sandbox_enabled
+    from swarmrl.trainer.data import load_tasks, prompt_text
+
+    config = load_config("gsm8k_python")
+    fixtures = Path(__file__).parent / "fixtures"
+    config.data = config.data.model_copy(
+        update={
+            "path": "json",
+            "subset": None,
+            "data_files": {
+                "train": str(fixtures / "gsm8k_train.jsonl"),
+                "test": str(fixtures / "gsm8k_test.jsonl"),
+            },
+        }
+    )
+    assert config.environment is not None
+    tasks = load_tasks(config.data, heldout_size=2)
+    task = next(t for t in (tasks.train(i) for i in range(10)) if t.answer == "72")
+    environment = make_environment(config.environment)
+    assert environment.tool_schemas()[0]["function"]["name"] == "python"
+    assert task.question in prompt_text(config.data, tokenizer, task.question, environment)
+    if not sandbox_enabled():
+        pytest.skip("bubblewrap is not available")
+    program = {"name": "python", "arguments": {"code": "print(48 + 48 // 2)"}}
+    call = f"<tool_call>\n{json.dumps(program)}\n</tool_call>"  # Qwen puts it on its own line
+    conversation = [{"role": "assistant", "content": f"Let me compute.\n{call}"}]
+    reply = environment.respond(conversation)
+    assert reply == [{"role": "tool", "content": "72\n"}]
+    conversation += [*reply, {"role": "assistant", "content": "So \\boxed{72}."}]
+    score = load_reward_function("math_accuracy")
+    assert score(prompts=[""], completions=[conversation], answer=[task.answer]) == [1.0]
