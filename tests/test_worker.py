@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from swarmrl.base.generation import Sample
 from swarmrl.protocol import messages as m
 from swarmrl.rollout.worker import Worker, WorkerOptions
@@ -91,3 +93,18 @@ def test_a_refused_work_request_is_an_answer_not_a_hang() -> None:
     answer, _ = worker.inbox.popleft()
     assert isinstance(answer, m.NoWork) and answer.reason == "too_many_leases"
     worker._close("test")
+
+
+def test_a_worker_without_the_runs_environment_says_which_package_it_needs() -> None:
+    spec = m.EnvironmentSpec(
+        name="tools",
+        tools=["mytools_not_installed.calc:multiply"],
+        max_turns=2,
+        max_tool_output_chars=100,
+        tool_timeout_s=5,
+    )
+    with pytest.raises(SystemExit, match="needs the package 'mytools_not_installed' installed"):
+        Worker._make_environment(spec)
+    assert Worker._make_environment(None) is None
+    environment = Worker._make_environment(spec.model_copy(update={"tools": ["multiply"]}))
+    assert environment is not None and list(environment.tools) == ["multiply"]
