@@ -105,10 +105,13 @@ def extra_turn(tokenizer: Any, right: Any, guess: Any) -> Any:
 
 
 def third_turn(tokenizer: Any, right: Any, guess: Any) -> Any:
-    """A third model turn (the recipes allow two), answered as if the run allowed it."""
-    first, between, last = right.turn_lengths
-    ids = right.token_ids + right.token_ids[first : first + between] + guess.token_ids
-    lengths = [first, between, last, between, len(guess.token_ids)]
+    """Three model turns (the recipes allow two), each answered, short enough to fit the
+    token limit: the guess, the tool's reply, the guess, the reply, the guess."""
+    first, between, _ = right.turn_lengths
+    reply = right.token_ids[first : first + between]
+    ids = guess.token_ids + reply + guess.token_ids + reply + guess.token_ids
+    size = len(guess.token_ids)
+    lengths = [size, between, size, between, size]
     return rebuilt(tokenizer, right, ids, turn_lengths=lengths, replies=right.replies * 2)
 
 
@@ -167,7 +170,7 @@ def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event, sent: 
     channel.send(
         m.Hello(worker_name=name, backend="hf", software_version="attack", max_prompts_per_lease=1)
     )
-    version, spec, turn = -1, None, 0
+    version, spec = -1, None
     while not stop.is_set():
         received = channel.recv(timeout_s=5.0)
         message = None if received is None else received[0]
@@ -178,8 +181,7 @@ def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event, sent: 
         elif isinstance(message, m.WeightUpdate):
             version = max(version, message.version)  # claimed: a forger holds no weights
         elif isinstance(message, m.Lease) and spec is not None and spec.environment is not None:
-            attack = list(ATTACKS)[turn % len(ATTACKS)]
-            turn += 1
+            attack = list(ATTACKS)[sum(sent.values()) % len(ATTACKS)]  # in turn, over forgers
             groups = []
             for prompt in message.prompts:
                 right, guess = honest_pair(tokenizer, spec.environment, prompt, "multiply")
