@@ -225,7 +225,7 @@ def test_tool_recipe_trains_on_verified_episodes(tmp_path: Path) -> None:
         recipe,
         *FAST_RUN,
         "--sampling.max_completion_length",
-        "48",
+        "64",  # a call (35 tokens), its result (14), the answer: 48 leaves no room to answer
         "--trainer.max_steps",
         "2",
         "--eval.after=true",

@@ -25,7 +25,8 @@ class EvalResult:
     count: int
     mean_completion_tokens: float
     mean_model_turns: float
-    examples: list[tuple[str, str, str]]  # (question, gold answer, completion) for the log
+    # (question, gold answer, completion; an episode's messages joined by " | ") for the log
+    examples: list[tuple[str, str, str]]
 
 
 def accuracy_function(config: Config) -> tuple[str, Any]:
@@ -73,7 +74,7 @@ def evaluate(
             lengths.append(len(episode.token_ids))
             turns.append((len(episode.turn_lengths) + 1) // 2)
             completions.append(episode.conversation)
-            texts.append(tokenizer.decode(episode.token_ids, skip_special_tokens=True))
+            texts.append(" | ".join(message["content"] for message in episode.conversation))
     columns = {"answer": [task.answer for task in tasks]}
     for key in tasks[0].columns:
         columns[key] = [task.columns.get(key) for task in tasks]

@@ -137,7 +137,7 @@ class TrainingRun:
             time.monotonic() - started,
         )
         for question, answer, completion in result.examples:
-            log.info("  %s  gold %s  model %r", question, answer, completion[:80])
+            log.info("  %s  gold %s  model %r", question, answer, completion[:160])
 
     def checkpoint_due(self) -> bool:
         every = self.config.checkpoint.every_steps

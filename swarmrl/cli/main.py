@@ -331,7 +331,7 @@ def _eval(arguments: argparse.Namespace, config: Config) -> int:
     tasks = load_tasks(config.data, config.eval.heldout_size)
     result = evaluate(model, tokenizer, tasks.heldout, config)
     for question, answer, completion in result.examples:
-        log.info("%s  gold %s  model %r", question, answer, completion[:80])
+        log.info("%s  gold %s  model %r", question, answer, completion[:160])
     print(f"held-out greedy accuracy: {result.accuracy:.3f} on {result.count} prompts")
     return 0
 
