@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from swarmrl.base.config import EnvironmentConfig
+from swarmrl.environments import Environment
 from swarmrl.protocol.codecs.full import decode_full, encode_full
 from swarmrl.protocol.codecs.interface import weights_fingerprint
 from swarmrl.protocol.messages import SamplingParams
@@ -132,3 +134,36 @@ def test_a_vllm_worker_trains_with_the_swarm(model_path: str, tmp_path: Path) ->
     assert "starting vLLM" in worker_log
     assert re.search(r"weights now at version [12] ", worker_log), worker_log[-2000:]
     assert "accepted" in worker_log
+
+
+class Nudge(Environment):
+    """Answers every finished model turn with the same user message, up to max_turns."""
+
+    name = "nudge"
+
+    def respond(self, conversation: list[dict]) -> list[dict]:
+        return [{"role": "user", "content": "Again, in three words."}]
+
+
+def test_both_backends_run_episodes_the_trainer_verifies(engines) -> None:
+    """The multi-turn rollout on vLLM (growing token prompts) and on transformers: every
+    episode passes the trainer's re-render check, environment tokens carry log-prob 0."""
+    from swarmrl.protocol import messages as m
+    from swarmrl.rollout.rollouts import sample_groups
+    from swarmrl.trainer.episodes import EpisodeChecker, model_token_mask
+
+    environment = Nudge(EnvironmentConfig(name="nudge", max_turns=3))
+    sampling = SAMPLING.model_copy(update={"max_tokens": 96})
+    for backend in engines:
+        prompt = m.LeasePrompt(prompt_id="p0", token_ids=prompts(backend.tokenizer)[1], seed=3)
+        lease = m.Lease(
+            lease_id="l", policy_version=0, num_generations=4, prompts=[prompt], deadline_s=60
+        )
+        (group,) = sample_groups(backend, lease, sampling, environment)
+        checker = EpisodeChecker(environment, backend.tokenizer, sampling.max_tokens)
+        for completion in group.completions:
+            assert len(checker.check(completion)) == len(completion.turn_lengths)
+            mask = model_token_mask(len(completion.token_ids), completion.turn_lengths)
+            pairs = zip(completion.logprobs, mask, strict=True)
+            assert all(logprob == 0.0 for logprob, sampled in pairs if not sampled)
+        assert max(len(c.turn_lengths) for c in group.completions) >= 3, backend.name
