@@ -48,12 +48,34 @@ class Episode:
         self.finish_reason = "stop" if ended else "length"
         self.done = not ended or len(self.token_ids) >= max_tokens
 
+    @property
+    def model_turns(self) -> int:
+        return (len(self.turn_lengths) + 1) // 2
+
     def add_reply(self, reply: list[ChatMessage], ids: list[int]) -> None:
         self.token_ids += ids
         self.logprobs += [0.0] * len(ids)
         self.turn_lengths.append(len(ids))
         self.replies.append(reply)
         self.conversation += reply
+
+
+def next_reply(
+    environment: Environment, tokenizer: Any, episode: Episode, max_tokens: int
+) -> tuple[list[ChatMessage], list[int]] | None:
+    """The environment's reply to the episode's last model turn, with its tokens, or None when
+    the episode ends there: the turn ended it (no end-of-turn token, or the token limit), it
+    was the last turn allowed, the environment is done, or the reply would leave no room for
+    one more model token. Workers build episodes with it, the trainer verifies them with it."""
+    if episode.done or episode.model_turns >= environment.config.max_turns:
+        return None
+    reply = environment.respond(episode.conversation)
+    if reply is None:
+        return None
+    ids = reply_token_ids(tokenizer, reply)
+    if len(episode.token_ids) + len(ids) >= max_tokens:
+        return None
+    return reply, ids
 
 
 def run_episodes(
@@ -66,7 +88,7 @@ def run_episodes(
 ) -> list[Episode]:
     """One episode per prompt (repeat a prompt for several)."""
     episodes = [Episode(list(prompt)) for prompt in prompts]
-    for turn in range(environment.config.max_turns):
+    for _ in range(environment.config.max_turns):
         active = [e for e in episodes if not e.done]
         if not active:
             break
@@ -74,13 +96,9 @@ def run_episodes(
         samples = generate([e.prompt + e.token_ids for e in active], budget)
         for episode, sample in zip(active, samples, strict=True):
             episode.add_model_turn(sample, max_tokens, tokenizer, end_ids)
-            if episode.done or turn + 1 == environment.config.max_turns:
-                episode.done = True
-                continue
-            reply = environment.respond(episode.conversation)
-            ids = [] if reply is None else reply_token_ids(tokenizer, reply)
-            if reply is None or len(episode.token_ids) + len(ids) >= max_tokens:
+            answer = next_reply(environment, tokenizer, episode, max_tokens)
+            if answer is None:
                 episode.done = True
             else:
-                episode.add_reply(reply, ids)
+                episode.add_reply(*answer)
     return episodes

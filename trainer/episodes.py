@@ -20,8 +20,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from swarmrl.base.generation import Sample
 from swarmrl.environments import ChatMessage, Environment
-from swarmrl.environments.chat import reply_token_ids
+from swarmrl.environments.episode import Episode, next_reply
 from swarmrl.protocol.messages import Completion
 from swarmrl.protocol.refusals import Refused
 
@@ -39,7 +40,7 @@ class EpisodeChecker:
         self.environment = environment
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self.end_id = tokenizer.eos_token_id
+        self.end_ids = {tokenizer.eos_token_id}
         self.seconds = 0.0
 
     def check(self, completion: Completion) -> list[ChatMessage]:
@@ -51,6 +52,8 @@ class EpisodeChecker:
             self.seconds += time.perf_counter() - started
 
     def _check(self, completion: Completion) -> list[ChatMessage]:
+        """Replay the episode through the workers' own loop (environments/episode.py), the
+        model's turns from the submission, the replies from the trainer's environment."""
         lengths = completion.turn_lengths or [len(completion.token_ids)]
         max_turns = self.environment.config.max_turns
         model_turns = (len(lengths) + 1) // 2
@@ -58,46 +61,35 @@ class EpisodeChecker:
             raise Refused(
                 "too_many_turns", f"{model_turns} model turns (environment.max_turns {max_turns})"
             )
-        ids, position = completion.token_ids, 0
-        conversation: list[ChatMessage] = []
+        ids, logprobs = completion.token_ids, completion.logprobs
+        episode, position = Episode(prompt=[]), 0
         for turn in range(model_turns):
-            length = lengths[2 * turn]
-            turn_ids = ids[position : position + length]
-            position += length
-            text = self.tokenizer.decode(turn_ids, skip_special_tokens=True)
-            conversation.append({"role": "assistant", "content": text})
+            end = position + lengths[2 * turn]
+            sample = Sample(ids[position:end], logprobs[position:end], "stop", "")
+            episode.add_model_turn(sample, self.max_tokens, self.tokenizer, self.end_ids)
+            position = end
+            answer = next_reply(self.environment, self.tokenizer, episode, self.max_tokens)
             last = turn + 1 == model_turns
-            if turn_ids[-1] != self.end_id or turn + 1 == max_turns:
+            if answer is None:
                 if not last:
                     raise Refused(
                         "extra_turn",
-                        f"model turn {turn + 1} ended the episode (no end-of-turn token, or "
-                        "the last turn allowed), but the submission goes on",
+                        f"the episode ends after model turn {turn + 1} (the turn did not end, "
+                        "was the last allowed, the environment is done or its reply does not "
+                        "fit), but the submission goes on",
                     )
                 break
-            reply = self.environment.respond(conversation)
-            if reply is None:
-                if not last:
-                    raise Refused(
-                        "extra_turn",
-                        f"the environment ends the episode after model turn {turn + 1}, but "
-                        "the submission goes on",
-                    )
-                break
-            expected = reply_token_ids(self.tokenizer, reply)
             if last:
-                if position + len(expected) < self.max_tokens:
-                    raise Refused(
-                        "episode_cut_short",
-                        f"the environment answers model turn {turn + 1} and the answer fits "
-                        f"({position + len(expected)} of {self.max_tokens} tokens), but the "
-                        "episode stops",
-                    )
-                break
+                raise Refused(
+                    "episode_cut_short",
+                    f"the environment answers model turn {turn + 1} and its reply fits in "
+                    f"{self.max_tokens} tokens, but the episode stops",
+                )
+            reply, expected = answer
             self._check_reply(completion, turn, reply, expected, ids[position:], lengths)
+            episode.add_reply(reply, expected)
             position += len(expected)
-            conversation += reply
-        return conversation
+        return episode.conversation
 
     @staticmethod
     def _check_reply(
