@@ -154,7 +154,7 @@ def test_environment_tokens_are_context_not_loss() -> None:
     assert model_token_mask(3, []) == [1.0, 1.0, 1.0]
     assert model_token_mask(6, [2, 3, 1]) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     episode = Sequence([5, 6], [7, 8, 9, 10], [-1.0, 0.0, 0.0, -1.0], 1.0)
-    episode.sampled = model_token_mask(4, [1, 2, 1])
+    episode.turn_lengths = [1, 2, 1]
     single = Sequence([5], [7, 8], [-1.0, -1.0], -1.0)
     batch = pad_batch([episode, single], pad_id=0, device="cpu")
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [0, 5, 7, 8, 0, 0]]

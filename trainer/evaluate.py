@@ -72,7 +72,7 @@ def evaluate(
         )
         for episode in episodes:
             lengths.append(len(episode.token_ids))
-            turns.append((len(episode.turn_lengths) + 1) // 2)
+            turns.append(episode.model_turns)
             completions.append(episode.conversation)
             texts.append(" | ".join(message["content"] for message in episode.conversation))
     columns = {"answer": [task.answer for task in tasks]}

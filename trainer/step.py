@@ -47,18 +47,17 @@ class Sequence:
     lag: int = 0  # trainer version minus the version it was sampled with
     truncated: bool = False  # cut off at max_completion_length
     masked: bool = False  # no loss (mask_truncated_completions)
-    # Per completion token: 1.0 if the model sampled it, 0.0 if the environment wrote it (it
-    # stays in the forward pass's context, out of the loss and the log-prob check).
-    sampled: list[float] = field(default_factory=list)
+    # An episode's turns (model, environment, model, ...; [] single-turn): the environment's
+    # tokens stay in the forward pass's context, out of the loss and the log-prob check.
+    turn_lengths: list[int] = field(default_factory=list)
     position: int = -1  # in the step's length-sorted order: keys its log-probs across iterations
 
     def model_mask(self) -> list[float]:
-        return self.sampled or [1.0] * len(self.completion)
+        """1.0 for each completion token the model sampled, 0.0 for the environment's."""
+        return model_token_mask(len(self.completion), self.turn_lengths)
 
     def model_turns(self) -> int:
-        """How many turns the model took: runs of its tokens."""
-        mask = self.model_mask()
-        return sum(1 for i, v in enumerate(mask) if v and (i == 0 or not mask[i - 1]))
+        return (len(self.turn_lengths) + 1) // 2 or 1
 
 
 def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Sequence]:
@@ -86,7 +85,7 @@ def flatten(groups: list[ScoredGroup], config: Config, version: int) -> list[Seq
                     version - group.policy_version,
                     truncated=cut,
                     masked=cut and mask_truncated,
-                    sampled=model_token_mask(len(ids), lengths),
+                    turn_lengths=lengths,
                 )
             )
             k += 1
