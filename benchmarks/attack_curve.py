@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,18 @@ def forged_completions(lease: Any, tokenizer: Any, jitter: float = 0.0) -> list[
     return groups
 
 
-def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> None:
-    """Forgers one after another until `stop`: each forges every lease until quarantined."""
+# (lease, run spec) -> the forged groups a forger submits for the lease
+Forgery = Callable[[Any, Any], list[Any]]
+
+
+def answer_forgery(tokenizer: Any) -> Forgery:
+    """Right answers worked out without the model, with made-up log-probs (forged_completions)."""
+    return lambda lease, spec: forged_completions(lease, tokenizer, jitter=0.01)
+
+
+def forger_stream(endpoint: str, stop: threading.Event, forgery: Forgery, prompts: int = 2) -> None:
+    """Forgers one after another until `stop`: each forges every lease until quarantined,
+    asking for up to `prompts` prompts per lease."""
     import zmq
 
     from swarmrl.protocol.transport import Channel, make_dealer
@@ -84,34 +95,36 @@ def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event) -> None:
             forgers += 1
             channel = Channel(make_dealer(context, endpoint, b"F" + os.urandom(15), 2**30))
             with contextlib.suppress(TimeoutError):  # the trainer went away: start over
-                forge(channel, f"forger-{forgers}", tokenizer, stop)
+                forge(channel, f"forger-{forgers}", stop, forgery, prompts)
             channel.close()
     finally:
         context.destroy(linger=0)
 
 
-def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event) -> None:
+def forge(channel: Any, name: str, stop: threading.Event, forgery: Forgery, prompts: int) -> None:
     """One forger: forge every lease it gets until quarantined (or the trainer is silent)."""
     from swarmrl.protocol import messages as m
 
     channel.send(
-        m.Hello(worker_name=name, backend="hf", software_version="attack", max_prompts_per_lease=2)
+        m.Hello(
+            worker_name=name, backend="hf", software_version="attack", max_prompts_per_lease=prompts
+        )
     )
-    version = -1
+    version, spec = -1, None
     while not stop.is_set():
         received = channel.recv(timeout_s=5.0)
         message = None if received is None else received[0]
         if isinstance(message, m.Reject) and message.reason == "quarantined":
             break
-        if isinstance(message, m.RunSpec | m.WeightUpdate):
-            held = getattr(message, "weights_version", getattr(message, "version", -1))
-            version = max(version, held)  # claimed: a forger holds no weights
-        elif isinstance(message, m.Lease):
-            forged = forged_completions(message, tokenizer, jitter=0.01)
+        if isinstance(message, m.RunSpec):
+            spec, version = message, max(version, message.weights_version)
+        elif isinstance(message, m.WeightUpdate):
+            version = max(version, message.version)  # claimed: a forger holds no weights
+        elif isinstance(message, m.Lease) and spec is not None:
             channel.send(
                 m.Submission(
                     lease_id=message.lease_id,
-                    groups=forged,
+                    groups=forgery(message, spec),
                     policy_version=message.policy_version,
                     generation_seconds=0.5,
                 )
@@ -121,7 +134,7 @@ def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event) -> Non
             time.sleep(message.retry_after_s)
         elif message is None:
             break  # the trainer is not there (yet, or any more): connect again
-        channel.send(m.WorkRequest(max_prompts=2, weights_version=version))
+        channel.send(m.WorkRequest(max_prompts=prompts, weights_version=version))
 
 
 def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -> dict[str, Any]:
@@ -154,7 +167,9 @@ def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -
                 time.sleep(1)
             endpoint = (run_folder / "endpoint").read_text().strip()
             attacker = threading.Thread(
-                target=forger_stream, args=(endpoint, tokenizer, stop), daemon=True
+                target=forger_stream,
+                args=(endpoint, stop, answer_forgery(tokenizer)),
+                daemon=True,
             )
             attacker.start()
         code = process.wait()
@@ -163,12 +178,7 @@ def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -
             attacker.join(timeout=30)
         if code != 0:
             raise SystemExit(f"{name}: swarmrl run exited {code}; see {log.name}")
-    lines = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
-    train = [line for line in lines if line["kind"] == "train"]
-    evals = [line for line in lines if line["kind"] == "eval"]
-    ledger = json.loads((run_folder / "workers.json").read_text())["workers"]
-    forgers = {k: v for k, v in ledger.items() if k.startswith("forger")}
-    honest = {k: v for k, v in ledger.items() if k not in forgers}
+    train, evals, forgers, honest = run_outcome(run_folder)
     log_text = (run_folder / "trainer.log").read_text()
     screened = re.findall(r"screened \d+ groups from new workers: (\d+) failed", log_text)
     return {
@@ -185,6 +195,17 @@ def run(name: str, extra: list[str], steps: int, folder: Path, tokenizer: Any) -
         "honest_samples": sum(v["samples"] for v in honest.values()),
         "honest_rejected": sum(v["rejected"] for v in honest.values()),
     }
+
+
+def run_outcome(run_folder: Path) -> tuple[list[dict], list[dict], dict, dict]:
+    """A finished run's train and eval metrics, and its ledger split into forgers and the rest."""
+    lines = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if line["kind"] == "train"]
+    evals = [line for line in lines if line["kind"] == "eval"]
+    ledger = json.loads((run_folder / "workers.json").read_text())["workers"]
+    forgers = {k: v for k, v in ledger.items() if k.startswith("forger")}
+    honest = {k: v for k, v in ledger.items() if k not in forgers}
+    return train, evals, forgers, honest
 
 
 def finished(run_folder: Path, steps: int) -> bool:

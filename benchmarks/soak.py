@@ -68,7 +68,7 @@ def attack(endpoint: str, seconds: float, model: str) -> None:
     os.nice(10)
     import zmq
 
-    from benchmarks.attack_curve import forger_stream
+    from benchmarks.attack_curve import answer_forgery, forger_stream
     from swarmrl.base.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
@@ -90,7 +90,8 @@ def attack(endpoint: str, seconds: float, model: str) -> None:
         threading.Thread(target=k, args=(context, endpoint, stop, tokenizer), daemon=True)
         for k in kinds
     ]
-    threads.append(threading.Thread(target=forger_stream, args=(endpoint, tokenizer, stop)))
+    forgers = (endpoint, stop, answer_forgery(tokenizer))
+    threads.append(threading.Thread(target=forger_stream, args=forgers))
     for thread in threads:
         thread.start()
     time.sleep(seconds)

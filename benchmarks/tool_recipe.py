@@ -17,9 +17,7 @@ Prints a table and writes benchmarks/results/tool_recipe.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -145,64 +143,24 @@ def honest_pair(tokenizer: Any, spec: Any, prompt: Any, tool: str) -> tuple[Any,
     return right, episode(tokenizer, spec, prompt.token_ids, ["0"])
 
 
-def forger_stream(endpoint: str, tokenizer: Any, stop: threading.Event, sent: Counter) -> None:
-    """Forgers one after another until `stop`, each until quarantined; `sent` counts attacks."""
-    import zmq
+def episode_forgery(tokenizer: Any, sent: Counter) -> Callable[[Any, Any], list[Any]]:
+    """A forger's groups for a lease: per prompt one tampered episode (the attacks in turn,
+    over all forgers, counted in `sent`) and guesses for the rest of the group."""
 
-    from swarmrl.protocol.transport import Channel, make_dealer
+    def forgery(lease: Any, spec: Any) -> list[Any]:
+        from swarmrl.protocol import messages as m
 
-    context = zmq.Context()
-    forgers = 0
-    try:
-        while not stop.is_set():
-            forgers += 1
-            channel = Channel(make_dealer(context, endpoint, b"F" + os.urandom(15), 2**30))
-            with contextlib.suppress(TimeoutError):
-                forge(channel, f"forger-{forgers}", tokenizer, stop, sent)
-            channel.close()
-    finally:
-        context.destroy(linger=0)
+        attack = list(ATTACKS)[sum(sent.values()) % len(ATTACKS)]
+        sent[attack] += 1
+        groups = []
+        for prompt in lease.prompts:
+            right, guess = honest_pair(tokenizer, spec.environment, prompt, "multiply")
+            forged = ATTACKS[attack][1](tokenizer, right, guess)
+            completions = [forged] + [guess] * (lease.num_generations - 1)
+            groups.append(m.GroupResult(prompt_id=prompt.prompt_id, completions=completions))
+        return groups
 
-
-def forge(channel: Any, name: str, tokenizer: Any, stop: threading.Event, sent: Counter) -> None:
-    from swarmrl.protocol import messages as m
-
-    channel.send(
-        m.Hello(worker_name=name, backend="hf", software_version="attack", max_prompts_per_lease=1)
-    )
-    version, spec = -1, None
-    while not stop.is_set():
-        received = channel.recv(timeout_s=5.0)
-        message = None if received is None else received[0]
-        if isinstance(message, m.Reject) and message.reason == "quarantined":
-            break
-        if isinstance(message, m.RunSpec):
-            spec, version = message, max(version, message.weights_version)
-        elif isinstance(message, m.WeightUpdate):
-            version = max(version, message.version)  # claimed: a forger holds no weights
-        elif isinstance(message, m.Lease) and spec is not None and spec.environment is not None:
-            attack = list(ATTACKS)[sum(sent.values()) % len(ATTACKS)]  # in turn, over forgers
-            groups = []
-            for prompt in message.prompts:
-                right, guess = honest_pair(tokenizer, spec.environment, prompt, "multiply")
-                forged = ATTACKS[attack][1](tokenizer, right, guess)
-                completions = [forged] + [guess] * (message.num_generations - 1)
-                groups.append(m.GroupResult(prompt_id=prompt.prompt_id, completions=completions))
-            channel.send(
-                m.Submission(
-                    lease_id=message.lease_id,
-                    groups=groups,
-                    policy_version=message.policy_version,
-                    generation_seconds=0.5,
-                )
-            )
-            sent[attack] += 1
-            continue  # the verdict comes next
-        elif isinstance(message, m.NoWork):
-            time.sleep(message.retry_after_s)
-        elif message is None:
-            break
-        channel.send(m.WorkRequest(max_prompts=1, weights_version=version))
+    return forgery
 
 
 def without_tool(heldout: int) -> float:
@@ -231,6 +189,8 @@ def main() -> None:
         "--folder", type=Path, default=None, help="run folder (default: a temp one)"
     )
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for `benchmarks.` as a script
+    from benchmarks.attack_curve import forger_stream, run_outcome
     from swarmrl.base.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(MODEL))
@@ -259,7 +219,9 @@ def main() -> None:
         time.sleep(1)
     endpoint = (run_folder / "endpoint").read_text().strip()
     attacker = threading.Thread(
-        target=forger_stream, args=(endpoint, tokenizer, stop, sent), daemon=True
+        target=forger_stream,
+        args=(endpoint, stop, episode_forgery(tokenizer, sent), 1),
+        daemon=True,
     )
     attacker.start()
     code = process.wait()
@@ -268,12 +230,7 @@ def main() -> None:
     attacker.join(timeout=30)
     if code != 0:
         raise SystemExit(f"swarmrl run exited {code}; see {log.name}")
-    lines = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
-    train = [line for line in lines if line["kind"] == "train"]
-    evals = [line for line in lines if line["kind"] == "eval"]
-    ledger = json.loads((run_folder / "workers.json").read_text())["workers"]
-    forgers = {k: v for k, v in ledger.items() if k.startswith("forger")}
-    honest = {k: v for k, v in ledger.items() if k not in forgers}
+    train, evals, forgers, honest = run_outcome(run_folder)
     refused: Counter = Counter()
     for worker in forgers.values():
         refused.update(worker["reasons"])
