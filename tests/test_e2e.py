@@ -29,49 +29,6 @@ def accepted_samples(folder: Path) -> dict[str, int]:
     return {name: worker["samples"] for name, worker in workers.items()}
 
 
-def test_run_trains_through_a_real_swarm(model_path: str, tmp_path: Path) -> None:
-    log = tmp_path / "run.log"
-    process = swarmrl(
-        "run",
-        E2E_RECIPE,
-        *FAST_RUN,
-        "--trainer.max_steps",
-        "2",
-        "--checkpoint.every_steps",
-        "1",
-        "--eval.before=true",
-        "--eval.after=true",
-        "--eval.heldout_size",
-        "8",
-        "--logging.run_dir",
-        str(tmp_path),
-        "--logging.run_name",
-        "smoke",
-        log=log,
-    )
-    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
-    folder = tmp_path / "smoke"
-    steps = metrics(folder, "train")
-    assert [s["step"] for s in steps] == [1, 2]
-    assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)
-    # Both workers' samples reached the trainer, and the worker logs carry their role tag.
-    output = log.read_text()
-    contributed = dict(re.findall(r"swarmrl: (worker-\d): (\d+) samples accepted", output))
-    assert set(contributed) == {"worker-1", "worker-2"}
-    assert all(int(count) > 0 for count in contributed.values())
-    assert " worker-1 " in (folder / "worker-1.log").read_text()
-    # Weights moved to the workers after each step, checkpoints are complete HF folders.
-    assert (
-        "weights now at version 1"
-        in (folder / "worker-1.log").read_text() + (folder / "worker-2.log").read_text()
-    )
-    assert (folder / "checkpoints" / "step_2" / "config.json").is_file()
-    assert (folder / "checkpoints" / "step_2" / "trainer_state.json").is_file()
-    assert [e["step"] for e in metrics(folder, "eval")] == [0, 2]
-    assert "held-out greedy accuracy" in output and f"run folder {folder}" in output
-    assert any((folder / "tensorboard").iterdir())
-
-
 def test_killed_worker_loses_nothing(model_path: str, tmp_path: Path) -> None:
     """kill -9 a worker mid-lease: its prompts are leased again and trained on."""
     folder = tmp_path / "kill"
@@ -150,10 +107,10 @@ def test_slow_worker_contributes_fewer_samples(model_path: str, tmp_path: Path) 
     assert [s["step"] for s in metrics(folder, "train")] == [1, 2, 3, 4]
 
 
-def test_ctrl_c_saves_and_stops_everything_then_resume_and_eval(
-    model_path: str, tmp_path: Path
-) -> None:
-    """One Ctrl-C stops trainer and workers cleanly; --resume continues; eval reads the result."""
+def test_run_trains_stops_on_ctrl_c_resumes_and_evaluates(model_path: str, tmp_path: Path) -> None:
+    """`swarmrl run` trains through a real swarm of two local workers; one Ctrl-C stops trainer
+    and workers cleanly; --resume continues and evaluates; `swarmrl eval` reads the result.
+    (One test: each run costs three model loads.)"""
     folder = tmp_path / "r"
     log = tmp_path / "run.log"
     process = swarmrl(
@@ -163,7 +120,10 @@ def test_ctrl_c_saves_and_stops_everything_then_resume_and_eval(
         "--trainer.max_steps",
         "50",
         "--checkpoint.every_steps",
-        "0",
+        "1",
+        "--eval.before=true",
+        "--eval.heldout_size",
+        "8",
         "--logging.run_dir",
         str(tmp_path),
         "--logging.run_name",
@@ -185,28 +145,39 @@ def test_ctrl_c_saves_and_stops_everything_then_resume_and_eval(
     assert saved and saved[-1] >= 1
     last = saved[-1]
 
+    resumed_log = tmp_path / "resume.log"
     resumed = swarmrl(
         "run",
         "--resume",
         str(folder),
         "--trainer.max_steps",
         str(last + 1),
-        log=tmp_path / "resume.log",
+        "--eval.after=true",
+        log=resumed_log,
     )
-    assert resumed.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert resumed.wait(timeout=600) == 0, resumed_log.read_text()[-3000:]
     assert f"(step {last})" in (folder / "trainer.log").read_text()
-    assert [s["step"] for s in metrics(folder, "train")][-1] == last + 1
+    steps = metrics(folder, "train")
+    assert [s["step"] for s in steps] == list(range(1, last + 2))
+    assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)
+    # Both workers' samples reached the trainer (the contribution chain spans both processes),
+    # and the worker logs carry their role tag.
+    chain = [json.loads(line) for line in (folder / "contributions.jsonl").read_text().split()]
+    contributed = {e["worker"] for e in chain if e["kind"] == "accepted" and e["samples"] > 0}
+    assert contributed == {"worker-1", "worker-2"}
+    worker_logs = (folder / "worker-1.log").read_text() + (folder / "worker-2.log").read_text()
+    assert " worker-1 " in worker_logs
+    # Weights moved to the workers after each step, checkpoints are complete HF folders.
+    assert "weights now at version 1" in worker_logs
+    final = folder / "checkpoints" / f"step_{last + 1}"
+    assert (final / "config.json").is_file() and (final / "trainer_state.json").is_file()
+    assert [e["step"] for e in metrics(folder, "eval")] == [0, last + 1]
+    output = resumed_log.read_text()
+    assert "held-out greedy accuracy" in output and f"run folder {folder}" in output
+    assert any((folder / "tensorboard").iterdir())
 
     evaluated = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmrl",
-            "eval",
-            str(folder / "checkpoints" / f"step_{last + 1}"),
-            "--eval.heldout_size",
-            "4",
-        ],
+        [sys.executable, "-m", "swarmrl", "eval", str(final), "--eval.heldout_size", "4"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -33,7 +33,9 @@ from swarmrl.trainer.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from swarmrl.trainer.contributions import CHAIN_FILE, PUBLIC_FILE
 from tests.conftest import start_trainer, start_worker, swarmrl, wait_for_text
+from tests.test_ledger_cli import assert_chain_survived
 
 e2e = pytest.mark.e2e
 
@@ -322,7 +324,8 @@ def test_killed_trainer_resumes_without_losing_or_repeating_a_prompt(
 ) -> None:
     """kill -9 the trainer in the middle of writing a checkpoint; `swarmrl train --resume`
     continues from the last complete one while the same two workers reconnect by themselves
-    (new run: a keyframe). Then a damaged newest checkpoint makes --resume use the previous."""
+    (new run: a keyframe), and continues the contribution chain. Then a damaged newest
+    checkpoint makes --resume use the previous."""
     folder = tmp_path / "crash"
     trainer, endpoint = start_trainer(
         tmp_path,
@@ -349,6 +352,7 @@ def test_killed_trainer_resumes_without_losing_or_repeating_a_prompt(
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
         crashed_log = trainer_log.read_text()
+        chain, key = (folder / CHAIN_FILE).read_bytes(), (folder / PUBLIC_FILE).read_bytes()
         unfinished = sorted(checkpoint_dir.glob(".step_*"))  # unless the save just made it
         last = checkpoints(checkpoint_dir)[-1]
         step = int(last.name[5:])
@@ -411,6 +415,7 @@ def test_killed_trainer_resumes_without_losing_or_repeating_a_prompt(
     assert leased_after[: len(owed)] == owed, (owed, leased_after)
     assert all(i in owed or i >= next_index for i in leased_after), (next_index, leased_after)
     assert metrics(folder) == [*trained(crashed_log), step + 1]
+    assert_chain_survived(folder, chain, key, step + 1)
 
     # A damaged newest checkpoint: --resume names the file and uses the one before.
     newest = checkpoints(checkpoint_dir)[-1]

@@ -36,9 +36,35 @@ def run_with_a_worker(
     return tmp_path / name
 
 
-def test_cispo_gspo_masked_sampling_overlong_cosine_and_two_iterations(
+def trl_conversational_recipe(tmp_path: Path) -> str:
+    """A recipe as a TRL user brings it: a JSONL dataset in TRL's conversational format (a
+    `prompt` column of chat messages, a system message among them, an extra `solution` column
+    the reward reads) with TRL-style reward functions; nothing flattened beforehand."""
+    conversation = [
+        {"role": "system", "content": "Answer with the number only."},
+        {"role": "user", "content": "What is {a} + {b}?"},
+    ]
+    rows = []
+    for a in range(10, 40):
+        prompt = [dict(m, content=m["content"].format(a=a, b=3)) for m in conversation]
+        rows.append({"prompt": prompt, "solution": str(a + 3)})
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "trl.toml"
+    recipe.write_text(
+        '[data]\nsource = "huggingface"\npath = "json"\n'
+        'data_files = { train = "train.jsonl", test = "test.jsonl" }\n\n'
+        '[trainer]\noptimizer = "demo"\nlearning_rate = 5e-5\n\n'
+        '[[rewards]]\nfunction = "tests.trl_rewards:solution_match"\n'
+        '[[rewards]]\nfunction = "tests.trl_rewards:reward_len"\nweight = 0.1\n'
+    )
+    return str(recipe)
+
+
+def test_cispo_gspo_masked_sampling_overlong_cosine_and_two_iterations_on_a_trl_dataset(
     model_path: str, tmp_path: Path
 ) -> None:
+    """One run for the loss family and TRL's dataset format (each run costs a model load)."""
     folder = run_with_a_worker(
         tmp_path,
         "losses",
@@ -63,10 +89,11 @@ def test_cispo_gspo_masked_sampling_overlong_cosine_and_two_iterations(
         "1",
         "--trainer.num_iterations",
         "2",
+        recipe=trl_conversational_recipe(tmp_path),
     )
     steps = train_records(folder)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # two batches, two versions each
-    base = 5e-5  # the arithmetic recipe's learning rate
+    base = 5e-5  # the recipe's learning rate
     expected = [0.0] + [base * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (0, 1, 2)]
     assert [s["learning_rate"] for s in steps] == pytest.approx(expected)
     assert all(0.0 <= s["truncated_fraction"] <= 1.0 for s in steps)
@@ -113,27 +140,3 @@ def test_lora_trains_adapters_workers_merge_them_and_the_checkpoint_is_a_peft_fo
         expected = tuned(input_ids=tokens).logits.log_softmax(-1)
         got = load_model(str(merged))(input_ids=tokens).logits.log_softmax(-1)
     assert (expected - got).abs().max() < 1e-3  # float32 rounding: the strict log-prob band
-
-
-def test_a_trl_conversational_dataset_drops_in(model_path: str, tmp_path: Path) -> None:
-    conversation = [
-        {"role": "system", "content": "Answer with the number only."},
-        {"role": "user", "content": "What is {a} + {b}?"},
-    ]
-    rows = []
-    for a in range(10, 40):
-        prompt = [dict(m, content=m["content"].format(a=a, b=3)) for m in conversation]
-        rows.append({"prompt": prompt, "solution": str(a + 3)})
-    for split in ("train", "test"):
-        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = tmp_path / "trl.toml"
-    recipe.write_text(
-        '[data]\nsource = "huggingface"\npath = "json"\n'
-        'data_files = { train = "train.jsonl", test = "test.jsonl" }\n\n'
-        '[[rewards]]\nfunction = "tests.trl_rewards:solution_match"\n'
-        '[[rewards]]\nfunction = "tests.trl_rewards:reward_len"\nweight = 0.1\n'
-    )
-    folder = run_with_a_worker(tmp_path, "trl", 1, recipe=str(recipe))
-    assert [s["step"] for s in train_records(folder)] == [1]
-    ledger = json.loads((folder / "workers.json").read_text())["workers"]
-    assert ledger["w"]["samples"] > 0
