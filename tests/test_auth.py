@@ -28,7 +28,6 @@ from swarmrl.protocol.auth import (
 from swarmrl.protocol.transport import Channel, make_dealer
 from swarmrl.trainer.leases import LeaseBook
 from swarmrl.trainer.server import SwarmServer
-from tests.conftest import E2E_RECIPE, FAST_RUN, swarmrl
 
 HELLO = m.Hello(worker_name="w", backend="hf", software_version="test", max_prompts_per_lease=1)
 
@@ -264,31 +263,3 @@ def test_cli_worker_key_errors(tmp_path: Path) -> None:
     assert done.returncode == 2 and f"{missing}: key file not found" in done.stderr
     alone = swarmrl_cli("worker", "--connect", "tcp://127.0.0.1:1", "--key", str(missing))
     assert alone.returncode == 2 and "both --key and --trainer-key" in alone.stderr
-
-
-@pytest.mark.e2e
-def test_closed_local_run_trains(model_path: str, tmp_path: Path) -> None:
-    allow = tmp_path / "allowed.txt"
-    allow.write_text("# only the local workers\n")
-    log = tmp_path / "run.log"
-    process = swarmrl(
-        "run",
-        E2E_RECIPE,
-        *FAST_RUN,
-        "--allow-keys",
-        str(allow),
-        "--swarm.workers",
-        "1",
-        "--trainer.max_steps",
-        "1",
-        "--logging.run_dir",
-        str(tmp_path),
-        "--logging.run_name",
-        "closed",
-        log=log,
-    )
-    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
-    output, folder = log.read_text(), tmp_path / "closed"
-    assert int(re.search(r"worker-1: (\d+) samples accepted", output)[1]) > 0
-    assert "closed swarm (CURVE): 0 worker keys allowed" in (folder / "trainer.log").read_text()
-    assert load_key_pair(folder / "trainer.key_secret")

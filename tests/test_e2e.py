@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmrl.protocol.auth import load_key_pair
 from tests.conftest import E2E_RECIPE, FAST_RUN, start_trainer, start_worker, swarmrl, wait_for_text
 
 pytestmark = pytest.mark.e2e
@@ -108,15 +109,19 @@ def test_slow_worker_contributes_fewer_samples(model_path: str, tmp_path: Path) 
 
 
 def test_run_trains_stops_on_ctrl_c_resumes_and_evaluates(model_path: str, tmp_path: Path) -> None:
-    """`swarmrl run` trains through a real swarm of two local workers; one Ctrl-C stops trainer
-    and workers cleanly; --resume continues and evaluates; `swarmrl eval` reads the result.
-    (One test: each run costs three model loads.)"""
+    """`swarmrl run` trains through a real, closed (CURVE) swarm of two local workers; one
+    Ctrl-C stops trainer and workers cleanly; --resume continues, with the same trainer key, and
+    evaluates; `swarmrl eval` reads the result. (One test: each run costs three model loads.)"""
     folder = tmp_path / "r"
     log = tmp_path / "run.log"
+    allow = tmp_path / "allowed.txt"
+    allow.write_text("# only the local workers\n")
     process = swarmrl(
         "run",
         E2E_RECIPE,
         *FAST_RUN,
+        "--allow-keys",
+        str(allow),
         "--trainer.max_steps",
         "50",
         "--checkpoint.every_steps",
@@ -144,6 +149,7 @@ def test_run_trains_stops_on_ctrl_c_resumes_and_evaluates(model_path: str, tmp_p
     saved = sorted(int(p.name[5:]) for p in (folder / "checkpoints").glob("step_*"))
     assert saved and saved[-1] >= 1
     last = saved[-1]
+    key = load_key_pair(folder / "trainer.key_secret")  # generated into the run folder
 
     resumed_log = tmp_path / "resume.log"
     resumed = swarmrl(
@@ -156,7 +162,10 @@ def test_run_trains_stops_on_ctrl_c_resumes_and_evaluates(model_path: str, tmp_p
         log=resumed_log,
     )
     assert resumed.wait(timeout=600) == 0, resumed_log.read_text()[-3000:]
-    assert f"(step {last})" in (folder / "trainer.log").read_text()
+    trainer_log = (folder / "trainer.log").read_text()
+    assert f"(step {last})" in trainer_log
+    assert trainer_log.count("closed swarm (CURVE): 0 worker keys allowed") == 2
+    assert load_key_pair(folder / "trainer.key_secret") == key  # the run's key, reused
     steps = metrics(folder, "train")
     assert [s["step"] for s in steps] == list(range(1, last + 2))
     assert all(s["loss"] == s["loss"] and s["grad_norm"] > 0 for s in steps)
