@@ -197,12 +197,19 @@ def test_run_trains_stops_on_ctrl_c_resumes_and_evaluates(model_path: str, tmp_p
 
 def test_tool_recipe_trains_on_verified_episodes(tmp_path: Path) -> None:
     """`swarmrl run recipes/calculator.toml`: two workers run calculator episodes, the trainer
-    re-runs every tool call before it trains on them, and the greedy evaluation is multi-turn."""
-    recipe = str(Path(__file__).parent.parent / "recipes" / "calculator.toml")
+    re-runs every tool call before it trains on them, and the greedy evaluation is multi-turn.
+    The recipe gets TRL's length reward at weight 0.1, as the arithmetic one does in E2E_RECIPE:
+    the untrained model answers 1 in 20 right, so a step would wait for a reward spread."""
+    calculator = Path(__file__).parent.parent / "recipes" / "calculator.toml"
+    recipe = tmp_path / "calculator.toml"
+    recipe.write_text(
+        calculator.read_text()
+        + '\n[[rewards]]\nfunction = "tests.trl_rewards:reward_len"\nweight = 0.1\n'
+    )
     log = tmp_path / "run.log"
     process = swarmrl(
         "run",
-        recipe,
+        str(recipe),
         *FAST_RUN,
         "--sampling.max_completion_length",
         "64",  # a call (35 tokens), its result (14), the answer: 48 leaves no room to answer
