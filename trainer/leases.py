@@ -83,6 +83,7 @@ class LeaseBook:
         self.outstanding = 0  # prompts in open leases
         self.outstanding_newcomers = 0  # of which leased to workers not yet proven
         self.attempts: dict[int, int] = {}  # only prompts that were re-queued
+        self.paused: frozenset[str] = frozenset()  # leased nothing for now (cores.py)
         self._ids = itertools.count(1)
         # Lease ids differ between trainer restarts, so a pre-restart lease never matches.
         self._prefix = f"L{secrets.token_hex(3)}-" if id_prefix is None else id_prefix
@@ -140,6 +141,8 @@ class LeaseBook:
         if held >= self.max_open_leases:
             detail = f"{held} leases open (at most {self.max_open_leases})"
             raise Refused("too_many_leases", detail)
+        if worker_id in self.paused:
+            return NoRoom("the trainer is training on this machine's cores")
         if held and not proven:
             return NoRoom("a new worker holds one lease at a time until its work is checked")
         room = self.room - self.outstanding - buffered

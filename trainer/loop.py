@@ -36,8 +36,10 @@ def train(
     run_folder: Path,
     resume: bool = False,
     on_ready: Callable[[str], None] | None = None,
+    local_workers: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Run training; `on_ready(endpoint)` is called once workers can connect. Returns a summary."""
+    """Run training; `on_ready(endpoint)` is called once workers can connect; `local_workers`
+    (started by `swarmrl run`) share this machine's cores with it. Returns a summary."""
     trainer = config.trainer
     ranks = make_ranks(config)
     all_threads = torch.get_num_threads()  # for evaluation, when no worker is generating
@@ -48,7 +50,7 @@ def train(
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     first = ranks.full_weights(run.model)
-    swarm = Swarm.start(run, first, on_ready) if ranks.is_main else NoSwarm()
+    swarm = Swarm.start(run, first, on_ready, local_workers) if ranks.is_main else NoSwarm()
     del first
     stop = StopRequest()
     deadline = (
@@ -65,15 +67,17 @@ def train(
                 continue
             # num_iterations > 1: the ratio's base over the batch's iterations
             old: dict[int, list[float]] | None = {} if trainer.num_iterations > 1 else None
-            for iteration in range(min(trainer.num_iterations, trainer.max_steps - run.step)):
-                step_started = time.monotonic()
-                stats, mismatches = ranks.step(run, batch, old)
-                run.step += 1  # every iteration is a version the workers are sent
-                weights = ranks.full_weights(run.model)
-                charged = mismatches if iteration == 0 else []  # the same sequences again
-                swarm.after_step(run, stats, charged, batch, weights, step_started)
-                if run.checkpoint_due():
-                    run.save(swarm.lease_state(), weights)
+            with swarm.cores_for_step() as threads:
+                for iteration in range(min(trainer.num_iterations, trainer.max_steps - run.step)):
+                    step_started = time.monotonic()
+                    stats, mismatches = ranks.step(run, batch, old)
+                    stats["trainer_threads"] = threads
+                    run.step += 1  # every iteration is a version the workers are sent
+                    weights = ranks.full_weights(run.model)
+                    charged = mismatches if iteration == 0 else []  # the same sequences again
+                    swarm.after_step(run, stats, charged, batch, weights, step_started)
+                    if run.checkpoint_due():
+                        run.save(swarm.lease_state(), weights)
         if not stop:
             swarm.hand_over(config.swarm.hand_over_s)
     finally:

@@ -198,6 +198,13 @@ class SwarmServer:
         with self._lock:
             self.finishing = True
 
+    def pause_leasing(self, workers: frozenset[str]) -> tuple[int, int]:
+        """Lease nothing to `workers` for now (an empty set: lease to all again). Returns the
+        groups buffered for the next steps and the leases `workers` still hold."""
+        with self._lock:
+            self.leases.paused = workers
+            return len(self.buffer), sum(self.leases.held(worker) for worker in workers)
+
     def behind(self) -> list[str]:
         """Connected workers that do not hold the current weights yet."""
         with self._lock:

@@ -18,13 +18,17 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from swarmrl.protocol.codecs import codec_for
 from swarmrl.rewards import load_reward_function
 from swarmrl.trainer.buffer import ScoredGroup
 from swarmrl.trainer.contributions import ContributionLedger
+from swarmrl.trainer.cores import CoreSplit
 from swarmrl.trainer.dashboard import Dashboard, serve_run
 from swarmrl.trainer.leases import prompt_id
 from swarmrl.trainer.ledger import write_ledger
@@ -48,18 +52,24 @@ class Swarm:
         publication: Publication,
         progress: Progress,
         dashboard: Dashboard | None = None,
+        cores: CoreSplit | None = None,
     ) -> None:
         self.server, self.publication, self.progress = server, publication, progress
-        self.dashboard = dashboard
+        self.dashboard, self.cores = dashboard, cores
         assert server.contributions is not None
         self.contributions = server.contributions
         self.last_step_at = time.monotonic()
 
     @classmethod
     def start(
-        cls, run: TrainingRun, first: dict[str, Any], on_ready: Callable[[str], None] | None
+        cls,
+        run: TrainingRun,
+        first: dict[str, Any],
+        on_ready: Callable[[str], None] | None,
+        local_workers: frozenset[str] = frozenset(),
     ) -> Swarm:
-        """Serve the swarm from version `run.step`, whose full weights are `first`."""
+        """Serve the swarm from version `run.step`, whose full weights are `first`;
+        `local_workers` are the ones `swarmrl run` started on this machine (cores.py)."""
         config = run.config
         history, keyframe_every = config.swarm.update_history, config.swarm.keyframe_every
         # Keyframes are encoded every history/2 versions, not every step: the deltas since the
@@ -95,7 +105,26 @@ class Swarm:
             on_ready(server.endpoint)
         trainer = config.trainer
         progress = Progress(trainer.max_steps, run.step, trainer.max_minutes)
-        return cls(server, publication, progress, dashboard)
+        cores = None
+        all_threads = os.cpu_count() or 1
+        on_cpu = str(run.ranks.device) == "cpu"  # a GPU trainer leaves the cores to workers
+        if config.swarm.core_split == "follow_bottleneck" and local_workers and on_cpu:
+            shared = torch.get_num_threads()
+            cores = CoreSplit(
+                server.pause_leasing,
+                torch.set_num_threads,
+                local_workers,
+                trainer.prompts_per_step,
+                all_threads=max(all_threads, shared),
+                shared_threads=shared,
+            )
+        return cls(server, publication, progress, dashboard, cores)
+
+    def cores_for_step(self) -> AbstractContextManager[int]:
+        """Around one batch's optimizer steps: the trainer's threads for them (cores.py)."""
+        if self.cores is None:
+            return nullcontext(torch.get_num_threads())
+        return self.cores.for_step()
 
     def next_batch(self, run: TrainingRun) -> list[ScoredGroup] | None:
         """A step's groups, or None after a second without them."""
@@ -207,6 +236,9 @@ class Swarm:
 
 class NoSwarm:
     """What ranks other than 0 hold in the swarm's place: the same calls, doing nothing."""
+
+    def cores_for_step(self) -> AbstractContextManager[int]:
+        return nullcontext(torch.get_num_threads())
 
     def next_batch(self, run: TrainingRun) -> None:
         return None

@@ -242,6 +242,12 @@ class SwarmConfig(Section):
     bind: str = Field("tcp://127.0.0.1:0", description="trainer endpoint; port 0 picks a free one")
     workers: int = Field(2, ge=0, description="local workers started by `swarmrl run`")
     worker_threads: int = Field(1, ge=1, description="torch CPU threads per local worker")
+    core_split: Literal["static", "follow_bottleneck"] = Field(
+        "follow_bottleneck",
+        description="`swarmrl run` on CPU: static = the trainer keeps the cores the local "
+        "workers leave; follow_bottleneck = a step whose successor is buffered already pauses "
+        "the local workers and trains on every core",
+    )
     backend: Literal["auto", "vllm", "hf"] = Field(
         "auto", description="local workers' engine; auto: vLLM when installed, else transformers"
     )

@@ -62,16 +62,18 @@ def run_local(config: Config, folder: Path, workers: int, resume: bool) -> dict[
         spare = (os.cpu_count() or 1) - workers * config.swarm.worker_threads
         config.trainer.threads = max(1, spare)
 
+    names = [f"worker-{i}" for i in range(1, workers + 1)]
+
     def start_workers(endpoint: str) -> None:
         environment = dict(os.environ, OMP_NUM_THREADS=str(config.swarm.worker_threads))
-        for i in range(1, workers + 1):
-            command = worker_command(endpoint, f"worker-{i}", config, folder)
+        for name in names:
+            command = worker_command(endpoint, name, config, folder)
             children.append(subprocess.Popen(command, env=environment))
         if workers:
             log.info("started %d local workers (logs in %s)", workers, folder)
 
     try:
-        return train(config, folder, resume=resume, on_ready=start_workers)
+        return train(config, folder, resume, start_workers, local_workers=frozenset(names))
     finally:
         stop_children(children)
 
