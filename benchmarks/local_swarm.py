@@ -5,7 +5,8 @@ arithmetic stream: the default recipe's task, or its 1-digit variant), with the 
 (`integer_match`, a TRL-style plain function), batch (`--prompts` x `--generations` samples of
 at most 32 tokens), loss (dapo), AdamW at `--lr`, constant schedule and step count, back to
 back on this machine. TRL runs in a child process of this script; swarmrl as `swarmrl run`
-(the trainer plus `swarm.workers` local workers). Both save a model every `--eval-every`
+(the trainer plus `swarm.workers` local workers), once per `--splits` value of
+`swarm.core_split` (how the trainer and the local workers share the cores). All save a model every `--eval-every`
 steps; afterwards each saved model is scored by the same held-out greedy evaluation
 (`swarmrl eval`), so "time to accuracy" is the wall time, from launch, at the end of the first
 step whose model reaches the target (TRL's final accuracy, or `--target`).
@@ -13,9 +14,10 @@ step whose model reaches the target (TRL's final accuracy, or `--target`).
 Per row: wall time to the target and to all steps, s/step, generated / accepted / trained
 samples per second, peak RSS of the trainer process and of all its processes together
 (sampled every second), and for swarmrl the step's breakdown (waiting for samples, training,
-of which optimizer, publishing), summed over the run.
+of which optimizer, publishing), summed over the run, and how many steps trained on every core.
 
     python benchmarks/local_swarm.py [--task 1-digit|default] [--steps 30] [--eval-every 5]
+        [--splits follow_bottleneck,static]
 Prints a table and writes benchmarks/results/local_swarm.json. Run folders are deleted
 afterwards unless --keep.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -93,14 +96,14 @@ def run_trl(args: argparse.Namespace, folder: Path) -> dict:
     }
 
 
-def run_swarmrl(args: argparse.Namespace, folder: Path) -> dict:
-    command = [sys.executable, "-m", "swarmrl", "run", *common(args)]
+def run_swarmrl(args: argparse.Namespace, folder: Path, split: str) -> dict:
+    command = [sys.executable, "-m", "swarmrl", "run", *common(args), "--swarm.core_split", split]
     command += ["--eval.before=false", "--eval.after=false", "--trainer.max_minutes", "180"]
     command += ["--checkpoint.every_steps", str(args.eval_every), "--checkpoint.keep", "1000"]
     command += ["--swarm.hand_over_s", "0", "--logging.run_dir", str(folder)]
-    command += ["--logging.run_name", "swarmrl"]
-    usage = watch(command, folder / "swarmrl.log")
-    run = folder / "swarmrl"
+    command += ["--logging.run_name", f"swarmrl-{split}"]
+    usage = watch(command, folder / f"swarmrl-{split}.log")
+    run = folder / f"swarmrl-{split}"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     workers = json.loads((run / "workers.json").read_text())["workers"].values()
@@ -110,6 +113,8 @@ def run_swarmrl(args: argparse.Namespace, folder: Path) -> dict:
         key: sum(r.get(key, 0.0) for r in train)
         for key in ("wait_seconds", "train_seconds", "optimizer_seconds", "publish_seconds")
     }
+    shared = max(1, (os.cpu_count() or 1) - 2)  # the cores 2 local workers leave
+    breakdown["steps_on_all_cores"] = sum(r["trainer_threads"] > shared for r in train)
     return {
         **usage,
         "step_ends": {r["step"]: r["time"] - usage["started"] for r in train},
@@ -218,6 +223,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--heldout", type=int, default=48)
     parser.add_argument("--target", type=float, help="default: TRL's final accuracy")
+    parser.add_argument(
+        "--splits",
+        default="follow_bottleneck,static",
+        help="swarmrl rows, one per swarm.core_split (comma-separated)",
+    )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +236,9 @@ def main() -> None:
         return
     folder = Path(tempfile.mkdtemp(prefix="swarmrl-local-"))
     try:
-        rows = {"TRL GRPOTrainer": run_trl(args, folder), "swarmrl run": run_swarmrl(args, folder)}
+        rows = {"TRL GRPOTrainer": run_trl(args, folder)}
+        for split in args.splits.split(","):
+            rows[f"swarmrl run, {split}"] = run_swarmrl(args, folder, split)
         for row in rows.values():
             row["accuracy"] = {s: heldout_accuracy(p, args) for s, p in row["saved"].items()}
     finally:
@@ -243,8 +255,10 @@ def main() -> None:
 
 
 def print_table(results: dict, target: float) -> None:
-    print(f"| | {' | '.join(results)} | ratio |")
-    print("|---|" + "---|" * (len(results) + 1))
+    names = list(results)
+    ratios = [f"{name} / {names[0]}" for name in names[1:]]
+    print(f"| | {' | '.join(names)} | {' | '.join(ratios)} |")
+    print("|---|" + "---|" * (2 * len(names) - 1))
     for label, key in (
         (f"wall s to held-out {target:.3f}", "seconds_to_target"),
         ("wall s to the last step", "seconds_to_all_steps"),
@@ -257,8 +271,8 @@ def print_table(results: dict, target: float) -> None:
     ):
         values = [row[key] for row in results.values()]
         cells = ["-" if v is None else f"{v:.1f}" for v in values]
-        ratio = "-" if None in (values[0], values[-1]) else f"{values[-1] / values[0]:.2f}x"
-        print(f"| {label} | {' | '.join(cells)} | {ratio} |")
+        cells += ["-" if None in (values[0], v) else f"{v / values[0]:.2f}x" for v in values[1:]]
+        print(f"| {label} | {' | '.join(cells)} |")
     for name, row in results.items():
         print(f"{name}: held-out accuracy by step {row['accuracy_by_step']}")
         if row["breakdown_s"]:
