@@ -6,10 +6,10 @@ arithmetic stream: the default recipe's task, or its 1-digit variant), with the 
 at most 32 tokens), loss (dapo), AdamW at `--lr`, constant schedule and step count, back to
 back on this machine. TRL runs in a child process of this script; swarmrl as `swarmrl run`
 (the trainer plus `swarm.workers` local workers), once per `--splits` value of
-`swarm.core_split` (how the trainer and the local workers share the cores). All save a model every `--eval-every`
-steps; afterwards each saved model is scored by the same held-out greedy evaluation
-(`swarmrl eval`), so "time to accuracy" is the wall time, from launch, at the end of the first
-step whose model reaches the target (TRL's final accuracy, or `--target`).
+`swarm.core_split` (how the trainer and the local workers share the cores). All save a
+model every `--eval-every` steps; afterwards each saved model is scored by the same held-out
+greedy evaluation (`swarmrl eval`), so "time to accuracy" is the wall time, from launch, at the
+end of the first step whose model reaches the target (TRL's final accuracy, or `--target`).
 
 Per row: wall time to the target and to all steps, s/step, generated / accepted / trained
 samples per second, peak RSS of the trainer process and of all its processes together
