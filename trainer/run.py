@@ -25,6 +25,7 @@ from swarmrl.trainer.checkpoint import CheckpointError, checkpoints, save_checkp
 from swarmrl.trainer.data import load_tasks
 from swarmrl.trainer.evaluate import evaluate
 from swarmrl.trainer.leases import LeaseBook
+from swarmrl.trainer.memory import return_freed_tensors
 from swarmrl.trainer.optimizers import make_optimizer
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class TrainingRun:
     def load(cls, config: Config, folder: Path, ranks: Ranks, resume: bool) -> TrainingRun:
         """The model (sharded if the ranks say so), optimizer, data and lease book; with
         `resume`, the newest readable checkpoint in `folder`."""
+        return_freed_tensors()  # before the first tensor: see memory.py
         where = f"rank {ranks.rank} of {ranks.world_size}, " if ranks.world_size > 1 else ""
         log.info("loading %s on %s%s", config.model.name, where, ranks.device)
         model = load_model(config.model.name, dtype=config.model.dtype, device=ranks.device)
