@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 
@@ -246,17 +246,50 @@ def sequence_logprobs_from_logits(
 
     ``logits[:, t]`` must predict ``token_ids[:, t]``. Works on chunks of rows as
     ``gathered - logsumexp`` in float32, so no full-size log_softmax (or float32 copy of
-    bf16 logits) is materialised at once. Differentiable.
+    bf16 logits) is materialised at once, neither forward nor backward. Differentiable.
     """
     _check_temperature(temperature)
-    vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)
-    flat_ids = token_ids.reshape(-1, 1)
-    chunks = []
-    for rows, ids in zip(flat_logits.split(_CHUNK_ROWS), flat_ids.split(_CHUNK_ROWS), strict=True):
-        scaled = rows.float() / temperature
-        chunks.append(scaled.gather(-1, ids).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
-    return torch.cat(chunks).view(token_ids.shape)
+    return _TokenLogprobs.apply(logits, token_ids, temperature)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """The log-probs of `sequence_logprobs_from_logits` and their exact gradient.
+
+    Autograd through ``s = logits.float() / t; gather(s) - logsumexp(s)`` would keep every
+    chunk's ``s`` (another logits-sized tensor) and build the gradient in logits-sized steps
+    (the chunks', their concatenation, its division by t). This keeps the logits and the
+    logsumexp and recomputes ``s`` chunk by chunk in backward, with autograd's own formulas
+    (``g`` at the token plus ``-g * exp(s - lse)``, divided by t), so the
+    gradient is bit for bit the one autograd gives (tests/test_grpo.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float):
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat_ids = token_ids.reshape(-1, 1)
+        chunks, normalisers = [], []
+        for rows, ids in zip(flat.split(_CHUNK_ROWS), flat_ids.split(_CHUNK_ROWS), strict=True):
+            scaled = rows.float() / temperature
+            normalisers.append(torch.logsumexp(scaled, dim=-1))
+            chunks.append(scaled.gather(-1, ids).squeeze(-1) - normalisers[-1])
+        ctx.save_for_backward(logits, token_ids, torch.cat(normalisers))
+        ctx.temperature = temperature
+        return torch.cat(chunks).view(token_ids.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, token_ids, normalisers = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat_ids, flat_grad = token_ids.reshape(-1, 1), grad.reshape(-1, 1)
+        result = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            scaled = flat[rows].float() / ctx.temperature
+            g = flat_grad[rows]
+            chunk = torch.zeros_like(scaled).scatter_add_(-1, flat_ids[rows], g)  # gather's
+            chunk += -g * (scaled - normalisers[rows].unsqueeze(-1)).exp()  # logsumexp's
+            result[rows] = chunk / ctx.temperature
+        return result.view(logits.shape), None, None
 
 
 @torch.no_grad()
