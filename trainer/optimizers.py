@@ -5,7 +5,9 @@
 - `demo`: DeMo-style (Peng, Quesnelle, Kingma 2024). Momentum `m = decay*m + lr*g`; the top-k
   DCT coefficients of every block of m are the payload (protocol/codecs/decoupled_momentum.py);
   `m -=` what they stand for (error feedback); then the payload itself is replayed on the
-  trainer's weights, exactly as every worker will replay it: the update is the message.
+  trainer's weights, exactly as every worker will replay it: the update is the message. Its
+  step takes the gradients in and clears them (`.grad = None`) before it transforms any
+  tensor, so they are not held alongside the transforms' temporaries.
 
 `Publication` turns the weights after each step into a `Published` version: the delta in the
 chosen codec, a keyframe, and the fingerprint of the weights a worker holds afterwards.
@@ -47,12 +49,15 @@ class DemoOptimizer(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         group = self.param_groups[0]
         tensors = dict(zip(self.names, group["params"], strict=True))
-        selections = {}
-        for name, parameter in tensors.items():
+        for parameter in tensors.values():
             momentum = self.state[parameter].setdefault("momentum", torch.zeros_like(parameter))
             momentum.mul_(group["decay"])
             if parameter.grad is not None:
                 momentum.add_(parameter.grad, alpha=group["lr"])
+                parameter.grad = None  # taken in: freed before the DCTs' temporaries are made
+        selections = {}
+        for name, parameter in tensors.items():
+            momentum = self.state[parameter]["momentum"]
             selection = demo.select(momentum, self.settings)
             momentum.sub_(
                 demo.dense(selection, tuple(parameter.shape), self.settings.chunk).to(momentum)
