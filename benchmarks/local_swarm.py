@@ -3,13 +3,14 @@
 Both train SmolLM2-135M-Instruct (the package-shipped model) on the same prompts (swarmrl's
 arithmetic stream: the default recipe's task, or its 1-digit variant), with the same reward
 (`integer_match`, a TRL-style plain function), batch (`--prompts` x `--generations` samples of
-at most 32 tokens), loss (dapo), AdamW at `--lr`, constant schedule and step count, back to
-back on this machine. TRL runs in a child process of this script; swarmrl as `swarmrl run`
-(the trainer plus `swarm.workers` local workers), once per `--splits` value of
-`swarm.core_split` (how the trainer and the local workers share the cores). All save a
-model every `--eval-every` steps; afterwards each saved model is scored by the same held-out
-greedy evaluation (`swarmrl eval`), so "time to accuracy" is the wall time, from launch, at the
-end of the first step whose model reaches the target (TRL's final accuracy, or `--target`).
+at most 32 tokens), loss (dapo), AdamW at `--lr`, constant schedule, step count and gradient
+checkpointing (TRL's default), back to back on this machine. TRL runs in a child process of
+this script; swarmrl as `swarmrl run` (the trainer plus `swarm.workers` local workers), once
+per `--splits` value of `swarm.core_split` (how the trainer and the local workers share the
+cores). All save a model every `--eval-every` steps; afterwards each saved model is scored by
+the same held-out greedy evaluation (`swarmrl eval`), so "time to accuracy" is the wall time,
+from launch, at the end of the first step whose model reaches the target (TRL's final
+accuracy, or `--target`).
 
 Per row: wall time to the target and to all steps, s/step, generated / accepted / trained
 samples per second, peak RSS of the trainer process and of all its processes together
@@ -50,6 +51,8 @@ def common(args: argparse.Namespace) -> list[str]:
     """The settings both rows share, as swarmrl overrides (the TRL child reads them too)."""
     return [
         *TASKS[args.task],
+        "--model.gradient_checkpointing",  # TRL's GRPOConfig default; both rows use it
+        "true",
         "--trainer.prompts_per_step",
         str(args.prompts),
         "--sampling.num_generations",
@@ -166,6 +169,7 @@ def train_with_trl(spec: dict) -> None:
     arguments = GRPOConfig(
         output_dir=str(folder),
         learning_rate=trainer.learning_rate,
+        gradient_checkpointing=config.model.gradient_checkpointing,
         lr_scheduler_type="constant",
         max_steps=trainer.max_steps,
         per_device_train_batch_size=trainer.micro_batch_size,
