@@ -7,7 +7,8 @@ both (measured: a 13 s train step took 80 s beside two generating workers). With
 already (generation is ahead: training is the bottleneck) pauses the local workers' leasing,
 waits until the leases they hold have come back, and trains on every core; then the workers
 lease again. A step whose successor still needs groups keeps the split, so the workers go on
-generating. Remote workers are never paused. (Irrelevant for a trainer on a GPU.)
+generating. Remote workers are never paused. (Irrelevant for a trainer on a GPU.) `static` is
+the default: on 2 cores the two came out even (docs/training.md has the measurement).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ class SwarmConfig(Section):
     workers: int = Field(2, ge=0, description="local workers started by `swarmrl run`")
     worker_threads: int = Field(1, ge=1, description="torch CPU threads per local worker")
     core_split: Literal["static", "follow_bottleneck"] = Field(
-        "follow_bottleneck",
+        "static",
         description="`swarmrl run` on CPU: static = the trainer keeps the cores the local "
         "workers leave; follow_bottleneck = a step whose successor is buffered already pauses "
         "the local workers and trains on every core",
