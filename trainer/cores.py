@@ -71,7 +71,7 @@ class CoreSplit:
         deadline = time.monotonic() + self.wait_s
         while held and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            buffered, held = self.pause_leasing(self.local_workers)
+            _, held = self.pause_leasing(self.local_workers)
         if held:
             log.debug("local workers still hold %d leases: training on shared cores", held)
             self.pause_leasing(frozenset())

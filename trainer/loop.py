@@ -42,7 +42,7 @@ def train(
     (started by `swarmrl run`) share this machine's cores with it. Returns a summary."""
     trainer = config.trainer
     ranks = make_ranks(config)
-    all_threads = torch.get_num_threads()  # for evaluation, when no worker is generating
+    all_threads = torch.get_num_threads()  # when no worker is generating: eval, cores.py
     torch.manual_seed(trainer.seed)
     run = TrainingRun.load(config, run_folder, ranks, resume)
     if config.eval.before:  # measured before any worker competes for the machine
@@ -50,7 +50,11 @@ def train(
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     first = ranks.full_weights(run.model)
-    swarm = Swarm.start(run, first, on_ready, local_workers) if ranks.is_main else NoSwarm()
+    swarm = (
+        Swarm.start(run, first, on_ready, local_workers, all_threads)
+        if ranks.is_main
+        else NoSwarm()
+    )
     del first
     stop = StopRequest()
     deadline = (

@@ -67,9 +67,11 @@ class Swarm:
         first: dict[str, Any],
         on_ready: Callable[[str], None] | None,
         local_workers: frozenset[str] = frozenset(),
+        all_threads: int = 1,
     ) -> Swarm:
         """Serve the swarm from version `run.step`, whose full weights are `first`;
-        `local_workers` are the ones `swarmrl run` started on this machine (cores.py)."""
+        `local_workers` are the ones `swarmrl run` started on this machine, which the trainer
+        may take all its `all_threads` from (cores.py)."""
         config = run.config
         history, keyframe_every = config.swarm.update_history, config.swarm.keyframe_every
         # Keyframes are encoded every history/2 versions, not every step: the deltas since the
@@ -106,7 +108,6 @@ class Swarm:
         trainer = config.trainer
         progress = Progress(trainer.max_steps, run.step, trainer.max_minutes)
         cores = None
-        all_threads = os.cpu_count() or 1
         on_cpu = str(run.ranks.device) == "cpu"  # a GPU trainer leaves the cores to workers
         if config.swarm.core_split == "follow_bottleneck" and local_workers and on_cpu:
             shared = torch.get_num_threads()
@@ -115,7 +116,7 @@ class Swarm:
                 torch.set_num_threads,
                 local_workers,
                 trainer.prompts_per_step,
-                all_threads=max(all_threads, shared),
+                all_threads=all_threads,
                 shared_threads=shared,
             )
         return cls(server, publication, progress, dashboard, cores)
