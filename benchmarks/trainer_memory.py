@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from processes import MB, Sampler
+
 RESULTS = Path(__file__).resolve().parent / "results" / "trainer_memory.json"
-PAGE = os.sysconf("SC_PAGE_SIZE")
-MB = 2**20
 SETTINGS = [  # benchmarks/local_swarm.py's (its 1-digit task), on the default recipe
     "--model.gradient_checkpointing",  # as TRL's GRPOConfig by default, and local_swarm
     "true",
@@ -52,42 +48,6 @@ SETTINGS = [  # benchmarks/local_swarm.py's (its 1-digit task), on the default r
     "none",
 ]
 LEARNING_RATES = {"adamw": "1e-5", "demo": "5e-5"}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE
-
-
-class Sampler:
-    """The highest RSS seen since the last `phase()`, from a thread polling every 2 ms."""
-
-    def __init__(self) -> None:
-        self.peak = rss_bytes()
-        self.lock = threading.Lock()
-        self.rows: list[dict[str, Any]] = []
-        self.started = time.monotonic()
-        threading.Thread(target=self._poll, daemon=True).start()
-
-    def _poll(self) -> None:
-        while True:
-            with self.lock:
-                self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.002)
-
-    def phase(self, name: str) -> None:
-        with self.lock:
-            now, peak = rss_bytes(), self.peak
-            self.peak = now
-        row = {
-            "phase": name,
-            "rss_mb": round(now / MB),
-            "phase_peak_mb": round(max(peak, now) / MB),
-            "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "seconds": round(time.monotonic() - self.started, 1),
-        }
-        self.rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
 
 
 def batch(run: Any, version: int, seed: int) -> list[Any]:
